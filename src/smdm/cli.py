@@ -1,0 +1,257 @@
+"""The `smdm` command. Each verb is a function of parsed arguments; nothing is parsed at import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+
+log = logging.getLogger("smdm")
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--kind", choices=("mdm", "arm"), default="mdm", help="masked diffusion or autoregressive")
+    group.add_argument("--model", default="tiny-0.8M", help="size name (see `smdm sizes`), for example 19M or tiny-0.8M")
+    group.add_argument("--block-size", type=int, default=0, help="context length of the model (default: --seq-len)")
+
+
+def _add_train_args(parser: argparse.ArgumentParser) -> None:
+    from smdm.config import TrainConfig
+
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training")
+    group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="training sequence length in tokens")
+    group.add_argument("--global-batch", type=int, default=defaults.global_batch, help="sequences per optimiser step")
+    group.add_argument("--micro-batch", type=int, default=defaults.micro_batch,
+                       help="sequences per forward pass (0: the whole global batch); the rest is accumulated")
+    group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    group.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
+    group.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+    group.add_argument("--min-warmup-steps", type=int, default=defaults.min_warmup_steps)
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    budget = parser.add_argument_group("budget (give exactly one)")
+    budget.add_argument("--max-steps", type=int, default=0, help="optimiser steps")
+    budget.add_argument("--max-tokens", type=int, default=0, help="training tokens")
+    budget.add_argument("--flops", type=float, default=0.0, help="compute budget C = 6 N D in FLOPs, e.g. 1e15")
+    group.add_argument("--ssl-ratio", type=float, default=defaults.ssl_ratio, help="stochastic sequence length probability (MDM)")
+    group.add_argument("--eval-interval", type=int, default=defaults.eval_interval, help="steps between validations")
+    group.add_argument("--eval-batches", type=int, default=defaults.eval_batches, help="validation micro-batches")
+    group.add_argument("--eval-mc-samples", type=int, default=defaults.eval_mc_samples,
+                       help="Monte Carlo draws per validation sequence (MDM)")
+    group.add_argument("--log-interval", type=int, default=defaults.log_interval)
+    group.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval)
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+
+
+def _train_config(args: argparse.Namespace):
+    from smdm.config import TrainConfig
+
+    return TrainConfig(
+        seq_len=args.seq_len, global_batch=args.global_batch, micro_batch=args.micro_batch, lr=args.lr,
+        min_lr=args.min_lr, warmup_fraction=args.warmup_fraction, min_warmup_steps=args.min_warmup_steps,
+        weight_decay=args.weight_decay, grad_clip=args.grad_clip, max_steps=args.max_steps,
+        max_tokens=args.max_tokens, flops=args.flops, ssl_ratio=args.ssl_ratio, eval_interval=args.eval_interval,
+        eval_batches=args.eval_batches, eval_mc_samples=args.eval_mc_samples, log_interval=args.log_interval,
+        checkpoint_interval=args.checkpoint_interval, seed=args.seed, precision=args.precision, device=args.device,
+    )
+
+
+# prepare
+def add_prepare(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", default="shakespeare",
+                        help="a .txt/.md file, a JSONL file, a folder of them, or 'shakespeare' (the default corpus)")
+    parser.add_argument("--out", required=True, help="folder to write the shards, tokenizer and meta.json into")
+    parser.add_argument("--tokenizer", default=None,
+                        help="existing tokenizer.json or Hugging Face tokenizer folder (default: train a BPE)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE, specials included")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens held out for validation")
+    parser.add_argument("--text-field", default="text", help="field that holds the text in JSONL records")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    from smdm.data.shards import prepare
+
+    result = prepare(args.corpus, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                     val_fraction=args.val_fraction, text_field=args.text_field)
+    print(json.dumps(result.meta, indent=2))
+    return 0
+
+
+# train
+def add_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="prepared data folder (from `smdm prepare`)")
+    parser.add_argument("--out", required=True, help="run folder for checkpoints, metrics and config")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    _add_model_args(parser)
+    _add_train_args(parser)
+
+
+def model_config_from_args(args: argparse.Namespace, vocab_size: int):
+    from smdm.config import ModelConfig
+
+    block_size = args.block_size or args.seq_len
+    return ModelConfig.from_name(args.model, kind=args.kind, vocab_size=vocab_size, block_size=block_size)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from smdm.data.shards import TokenData
+    from smdm.train import train
+
+    data = TokenData(args.data)
+    model_config = model_config_from_args(args, data.vocab_size)
+    result = train(model_config, _train_config(args), args.data, args.out, resume=args.resume)
+    print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
+                      "validation": result.final_val}, indent=2))
+    return 0
+
+
+# sample
+def add_sample(parser: argparse.ArgumentParser) -> None:
+    from smdm.generate import SAMPLERS, SampleConfig
+
+    defaults = SampleConfig()
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt text; repeat for several; omit for unconditional samples")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="MDM forward passes")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
+    parser.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler, help="MDM remasking rule")
+    parser.add_argument("--no-stop-at-eos", action="store_true", help="keep text after the first EOS")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+
+
+def run_sample(args: argparse.Namespace) -> int:
+    from smdm.sampling_api import sample_text
+
+    prompts = args.prompt if args.prompt is not None else [""]
+    texts = sample_text(
+        args.checkpoint, prompts, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        steps=args.steps, temperature=args.temperature, sampler=args.sampler,
+        stop_at_eos=not args.no_stop_at_eos, seed=args.seed, device=args.device,
+    )
+    for prompt, text in texts:
+        print(f"--- prompt: {prompt!r}")
+        print(prompt + text)
+    return 0
+
+
+# evaluate
+def add_evaluate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
+    parser.add_argument("--data", required=True, help="prepared data folder with the same tokenizer")
+    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the training seq_len)")
+    parser.add_argument("--max-sequences", type=int, default=256, help="windows to score, evenly spread")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--mc-samples", type=int, default=16, help="Monte Carlo draws per window (MDM)")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from smdm.checkpoint import load_model
+    from smdm.data.shards import TokenData
+    from smdm.evaluate.validation import validation_loss
+    from smdm.runtime import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    model, tokenizer, checkpoint = load_model(args.checkpoint, device)
+    data = TokenData(args.data)
+    if data.tokenizer.identity != tokenizer.identity:
+        raise ValueError(
+            f"checkpoint {checkpoint.folder} was trained with another tokenizer than {data.folder}; "
+            "prepare the data with `smdm prepare --tokenizer CHECKPOINT/tokenizer.json`"
+        )
+    seq_len = args.seq_len or checkpoint.train_config.get("seq_len") or model.config.block_size
+    result = validation_loss(model, data.split(args.split), seq_len, max_sequences=args.max_sequences,
+                             batch_size=args.batch_size, mc_samples=args.mc_samples, seed=args.seed,
+                             precision=resolve_precision(args.precision, device))
+    result.update(checkpoint=str(checkpoint.folder), split=args.split, seq_len=seq_len)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# quickstart
+def add_quickstart(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/quickstart", help="folder for the data and both runs")
+    parser.add_argument("--minutes", type=float, default=8.0, help="total training time of both models, roughly")
+    parser.add_argument("--model", default="tiny-0.8M", help="size of both models")
+    parser.add_argument("--max-steps", type=int, default=0, help="fixed step count instead of the time budget")
+    parser.add_argument("--device", default="auto")
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    from smdm.quickstart import quickstart
+
+    quickstart(args.out, minutes=args.minutes, model=args.model, max_steps=args.max_steps, device=args.device)
+    return 0
+
+
+def run_sizes(args: argparse.Namespace) -> int:
+    from smdm.config import ModelConfig, size_names
+
+    print(f"{'name':>10} {'layers':>6} {'heads':>5} {'width':>5} {'mlp':>5} {'non-embedding':>15}")
+    for name in size_names():
+        c = ModelConfig.from_name(name)
+        print(f"{name:>10} {c.n_layer:>6} {c.n_head:>5} {c.n_embd:>5} {c.intermediate_size:>5} {c.n_non_embedding:>15,}")
+    return 0
+
+
+Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
+
+VERBS: list[Verb] = [
+    ("prepare", "tokenize a corpus into train/validation shards", add_prepare, run_prepare),
+    ("train", "train an MDM or an ARM on prepared data", add_train, run_train),
+    ("sample", "generate text from a checkpoint", add_sample, run_sample),
+    ("evaluate", "validation loss of a checkpoint on prepared data", add_evaluate, run_evaluate),
+    ("quickstart", "prepare the default corpus, train an MDM and an ARM, compare and sample", add_quickstart,
+     run_quickstart),
+    ("sizes", "list the model sizes", None, run_sizes),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smdm", description="Masked diffusion and autoregressive language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for name, help_text, add, run in VERBS:
+        verb = sub.add_parser(name, help=help_text, description=help_text)
+        if add is not None:
+            add(verb)
+        verb.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from smdm.errors import TrainingDiverged
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, ModuleNotFoundError, TrainingDiverged) as error:
+        print(f"smdm {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"smdm {args.verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+

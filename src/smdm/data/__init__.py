@@ -1,0 +1,1 @@
+"""Tokenizers, text sources and packed token shards."""

@@ -1,0 +1,1 @@
+"""Evaluation: validation loss on prepared splits and, later, benchmark tasks."""

@@ -1,0 +1,369 @@
+"""Training loop for MDMs and ARMs: budget, schedule, accumulation, validation and checkpoints.
+
+Randomness is keyed by (seed, step): the batch windows, the diffusion times,
+the masking noise and the stochastic-length cut of step s are the same whether
+the run went straight through or was resumed, so a resumed run reproduces the
+uninterrupted loss curve exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smdm.checkpoint import (
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    read_checkpoint,
+    save_checkpoint,
+    write_text_atomically,
+)
+from smdm.config import ModelConfig, TrainConfig
+from smdm.data.shards import TokenData, read_windows, window_starts
+from smdm.diffusion import arm_loss, mdm_loss
+from smdm.errors import TrainingDiverged
+from smdm.evaluate.validation import validation_loss
+from smdm.model import Transformer
+from smdm.runtime import autocast, generator, resolve_device, resolve_precision
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG_FILE = "config.json"
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if total_steps <= warmup_steps:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: Transformer, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights) and none on norm scales."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type == "cuda"
+    )
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one optimiser step: sequence length, diffusion times and masking noise."""
+
+    length: int
+    t: torch.Tensor  # (global_batch,)
+    noise: torch.Tensor  # (global_batch, length)
+
+
+def draw_step_noise(config: TrainConfig, step: int) -> StepNoise:
+    """Draw the MDM noise of a step for the whole global batch from a generator keyed by (seed, step)."""
+    rng = generator(config.seed, "noise", step)
+    length = config.seq_len
+    if torch.rand((), generator=rng).item() < config.ssl_ratio:
+        length = int(torch.randint(1, config.seq_len + 1, (), generator=rng).item())
+    t = torch.rand(config.global_batch, generator=rng)
+    noise = torch.rand(config.global_batch, length, generator=rng)
+    return StepNoise(length, t, noise)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    tokens: int
+    final_val: dict
+    history: list[dict] = field(default_factory=list)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to checkpoint and stop at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "_StopRequest":
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # signals can only be caught on the main thread
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested (signal %d): saving a checkpoint at the end of this step", signum)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """One training run of an MDM or an ARM on a prepared data folder, writing into run_dir."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        data_dir: str | Path,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        keep_checkpoints: int = 2,
+    ) -> None:
+        self.model_config = model_config
+        self.config = train_config
+        self.run_dir = Path(run_dir)
+        self.keep_checkpoints = keep_checkpoints
+        self.data = TokenData(data_dir)
+        self._check_compatible()
+
+        self.device = resolve_device(train_config.device)
+        self.precision = resolve_precision(train_config.precision, self.device)
+        torch.manual_seed(train_config.seed)
+        self.model = Transformer(model_config).to(self.device)
+        self.optimizer = build_optimizer(self.model, train_config, self.device)
+        self.total_steps = train_config.resolve_steps(model_config.n_non_embedding, model_config.kind)
+        self.warmup_steps = train_config.warmup_steps(self.total_steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_tokens = self.data.split("train")
+        self.val_tokens = self.data.split("val")
+        self.history: list[dict] = []
+
+        checkpoint_root = self.run_dir / CHECKPOINTS_DIR
+        if resume and (checkpoint_root / LATEST_FILE).is_file():
+            self._resume()
+        elif (checkpoint_root / LATEST_FILE).is_file():
+            raise FileExistsError(
+                f"{self.run_dir} already contains a run; pass --resume to continue it or choose another --out"
+            )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(self.run_dir / RUN_CONFIG_FILE, json.dumps(self.resolved_config(), indent=2))
+
+    def _check_compatible(self) -> None:
+        problems = []
+        if self.model_config.vocab_size != self.data.vocab_size:
+            problems.append(
+                f"the model's vocab_size is {self.model_config.vocab_size} but the data's tokenizer has "
+                f"{self.data.vocab_size} ids; set the model's vocab_size to {self.data.vocab_size}"
+            )
+        window = self.config.seq_len + (0 if self.model_config.is_mdm else 1)
+        if self.config.seq_len > self.model_config.block_size:
+            problems.append(
+                f"--seq-len {self.config.seq_len} exceeds the model's block_size {self.model_config.block_size}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        del window
+
+    def resolved_config(self) -> dict:
+        return {
+            "model": self.model_config.to_dict(),
+            "train": self.config.to_dict(),
+            "data": str(self.data.folder),
+            "tokenizer": self.data.meta["tokenizer"]["identity"],
+            "device": str(self.device),
+            "precision": self.precision,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "n_non_embedding": self.model_config.n_non_embedding,
+            "n_params": self.model_config.n_params,
+        }
+
+    # Checkpoints.
+    def _resume(self) -> None:
+        checkpoint = read_checkpoint(self.run_dir)
+        problems = []
+        if checkpoint.model_config != self.model_config:
+            problems.append(
+                f"model config differs from the checkpoint's ({checkpoint.model_config.to_dict()}); "
+                "resume with the same --model and --kind"
+            )
+        if checkpoint.tokenizer.identity != self.data.tokenizer.identity:
+            problems.append(f"the tokenizer of {self.data.folder} is not the one the checkpoint was trained with")
+        if problems:
+            raise ValueError(f"cannot resume {checkpoint.folder}: " + "; ".join(problems))
+        self.model.load_state_dict(checkpoint.weights())
+        self.optimizer.load_state_dict(checkpoint.optimizer_state())
+        self.step = checkpoint.trainer_state["step"]
+        self.tokens_seen = checkpoint.trainer_state["tokens_seen"]
+        self._truncate_metrics(self.step)
+        log.info("resumed from %s at step %d", checkpoint.folder, self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows written after the checkpoint, which the resumed run will write again."""
+        path = self.run_dir / METRICS_FILE
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= step]
+        write_text_atomically(path, "".join(line + "\n" for line in kept))
+
+    def save(self) -> Path:
+        name = f"step-{self.step:07d}"
+        root = self.run_dir / CHECKPOINTS_DIR
+        folder = save_checkpoint(
+            root / name,
+            self.model,
+            self.data.tokenizer,
+            optimizer=self.optimizer,
+            trainer_state={"step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps},
+            train_config=self.config.to_dict(),
+        )
+        write_text_atomically(root / LATEST_FILE, name)
+        # Keep the newest checkpoints only; the one just written is never removed.
+        old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
+        for stale in old[: max(0, len(old) - (self.keep_checkpoints - 1))]:
+            for file in stale.iterdir():
+                file.unlink()
+            stale.rmdir()
+        return folder
+
+    # Metrics.
+    def _record(self, row: dict) -> None:
+        self.history.append(row)
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def evaluate(self) -> dict:
+        return validation_loss(
+            self.model,
+            self.val_tokens,
+            self.config.seq_len,
+            max_sequences=self.config.eval_batches * self.config.micro_batch_size,
+            batch_size=self.config.micro_batch_size,
+            mc_samples=self.config.eval_mc_samples,
+            seed=self.config.eval_seed,
+            precision=self.precision,
+        )
+
+    # One optimiser step.
+    def train_step(self) -> tuple[float, float, int]:
+        """Run forward and backward over the micro-batches of one step; return (loss, grad norm, tokens)."""
+        config, is_mdm = self.config, self.model_config.is_mdm
+        window = config.seq_len + (0 if is_mdm else 1)
+        starts = window_starts(len(self.train_tokens), window, config.global_batch, config.seed, self.step)
+        noise = draw_step_noise(config, self.step) if is_mdm else None
+        micro = config.micro_batch_size
+        total_loss, tokens = 0.0, 0
+        for first in range(0, config.global_batch, micro):
+            rows = slice(first, first + micro)
+            x = torch.from_numpy(read_windows(self.train_tokens, starts[rows], window)).to(self.device)
+            with autocast(self.device, self.precision):
+                if is_mdm:
+                    x = x[:, : noise.length]
+                    t = noise.t[rows].to(self.device)
+                    u = noise.noise[rows].to(self.device)
+                    loss = mdm_loss(self.model, x, t, u, self.model_config.mask_id, config.mask_eps)
+                else:
+                    loss = arm_loss(self.model, x)
+            (loss / config.accumulation_steps).backward()
+            total_loss += loss.item() / config.accumulation_steps
+            tokens += x.numel() if is_mdm else x[:, 1:].numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
+        return total_loss, grad_norm, tokens
+
+    def fit(self) -> TrainResult:
+        config = self.config
+        self.model.train()
+        log.info(
+            "training %s %s (%s non-embedding, %s total parameters) for %d steps of %d x %d tokens on %s (%s)",
+            self.model_config.kind.upper(), self.model_config.name or "custom",
+            f"{self.model_config.n_non_embedding:,}", f"{self.model_config.n_params:,}",
+            self.total_steps, config.global_batch, config.seq_len, self.device, self.precision,
+        )
+        interval_start, interval_tokens, run_start = time.time(), 0, time.time()
+        start_step = self.step
+        final_val: dict = {}
+        with _StopRequest() as stop:
+            while self.step < self.total_steps:
+                # Set the learning rate of this step.
+                lr = lr_at(self.step, self.total_steps, self.warmup_steps, config.lr, config.min_lr)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+
+                # Forward and backward over micro-batches, then stop on a non-finite loss before stepping.
+                loss, grad_norm, tokens = self.train_step()
+                if not math.isfinite(loss) or not math.isfinite(grad_norm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise TrainingDiverged(
+                        f"loss is {loss} (grad norm {grad_norm}) at step {self.step} with lr {lr:.3g}; "
+                        f"the last good checkpoint in {self.run_dir / CHECKPOINTS_DIR} is intact. "
+                        "Lower --lr, raise warmup, or use --precision fp32, then --resume"
+                    )
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.tokens_seen += tokens
+                interval_tokens += tokens
+
+                # Log one line per interval.
+                if self.step % config.log_interval == 0 or self.step == self.total_steps:
+                    now = time.time()
+                    rate = interval_tokens / max(now - interval_start, 1e-9)
+                    steps_per_s = (self.step - start_step) / max(now - run_start, 1e-9)
+                    eta = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
+                    log.info(
+                        "step %d/%d | tokens %s | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | ETA %s",
+                        self.step, self.total_steps, f"{self.tokens_seen:,}", loss, lr, grad_norm,
+                        f"{rate:,.0f}", format_duration(eta),
+                    )
+                    self._record({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                                  "grad_norm": grad_norm, "tokens_per_s": rate, "elapsed_s": now - run_start})
+                    interval_start, interval_tokens = time.time(), 0
+
+                # Validate on an interval and at the end.
+                if self.step % config.eval_interval == 0 or self.step == self.total_steps:
+                    final_val = self.evaluate()
+                    label = "NELBO bound" if final_val["bound"] else "loss"
+                    log.info("step %d | validation %s %.4f nats/token", self.step, label, final_val["loss"])
+                    self._record({"step": self.step, "tokens": self.tokens_seen, "val_loss": final_val["loss"]})
+
+                # Checkpoint on an interval, at the end and when asked to stop.
+                if self.step % config.checkpoint_interval == 0 or self.step == self.total_steps or stop.requested:
+                    folder = self.save()
+                    log.info("saved checkpoint %s", folder)
+                if stop.requested:
+                    log.warning("stopped at step %d; continue with --resume", self.step)
+                    break
+        if not final_val:
+            final_val = self.evaluate()
+        return TrainResult(self.run_dir, self.step, self.tokens_seen, final_val, self.history)
+
+
+def train(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+) -> TrainResult:
+    """Train a model on a prepared data folder and return its final validation result."""
+    return Trainer(model_config, train_config, data_dir, run_dir, resume=resume).fit()
