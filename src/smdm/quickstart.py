@@ -26,11 +26,15 @@ QUICKSTART_PROMPT = "HAMLET:\n"
 
 
 def measure_steps(trainer: Trainer, seconds: float) -> int:
-    """Estimate how many steps fit in `seconds` by timing two steps of a throwaway copy of the run."""
+    """Estimate how many steps fit in `seconds` by timing steps of a throwaway copy of the run.
+
+    The first step is not timed: it pays for one-time allocations and kernel selection.
+    """
+    trainer.train_step()
     start = time.time()
-    trainer.train_step()
-    trainer.train_step()
-    per_step = (time.time() - start) / 2
+    for _ in range(3):
+        trainer.train_step()
+    per_step = (time.time() - start) / 3
     trainer.optimizer.zero_grad(set_to_none=True)
     return max(20, int(seconds / per_step))
 
@@ -65,8 +69,8 @@ def quickstart(
             steps = measure_steps(Trainer(model_config, probe, data_dir, out / "probe", resume=True), minutes * 60 / 2.4)
         train_config = TrainConfig(
             seq_len=QUICKSTART_SEQ_LEN, global_batch=QUICKSTART_BATCH, max_steps=steps, lr=3e-3, min_lr=3e-4,
-            min_warmup_steps=min(100, steps // 10), eval_interval=max(1, steps // 4), eval_batches=8,
-            eval_mc_samples=8, log_interval=max(1, steps // 40), checkpoint_interval=max(1, steps // 4),
+            min_warmup_steps=min(100, steps // 10), eval_interval=max(50, steps // 4), eval_batches=8,
+            eval_mc_samples=8, log_interval=max(1, steps // 40), checkpoint_interval=max(50, steps // 4),
             ssl_ratio=0.01, device=resolved_device,
         )
         run_dir = out / kind

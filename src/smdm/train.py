@@ -351,7 +351,7 @@ class Trainer:
                     log.info("saved checkpoint %s", folder)
                 if stop.requested:
                     log.warning("stopped at step %d; continue with --resume", self.step)
-                    break
+                    raise KeyboardInterrupt
         if not final_val:
             final_val = self.evaluate()
         return TrainResult(self.run_dir, self.step, self.tokens_seen, final_val, self.history)
