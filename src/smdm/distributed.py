@@ -6,10 +6,10 @@ builds the same model from the same seed. Each one then takes its own
 contiguous block of rows of every global batch, so the data and the noise of a
 step do not depend on the number of processes.
 
-Checkpoints stay in the single-process format of smdm.checkpoint: the full
-(unsharded) weights and AdamW state are gathered to rank 0, which writes them,
-and on resume rank 0 reads them and broadcasts them, so a run saved with one
-world size resumes with any other.
+Checkpoints stay in the single-process format of smdm.checkpoint. The full
+(unsharded) weights and AdamW state are gathered to rank 0, which writes them.
+On resume rank 0 reads them and broadcasts them, so a run saved with one world
+size resumes with any other.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ T = TypeVar("T")
 
 @dataclass
 class DistributedContext:
-    """Where this process sits in the run: its rank, the world size, its device and the wrapping strategy."""
+    """This process's place in the run: its rank, the world size, its device and the wrapping strategy."""
 
     rank: int = 0
     world_size: int = 1
@@ -132,8 +132,8 @@ def resolve_strategy(strategy: str, world_size: int, device: torch.device, launc
     """Map --strategy to "none", "ddp" or "fsdp".
 
     "auto" is "none" for a single process started without torchrun, FSDP on
-    CUDA (it shards weights, gradients and AdamW state, as the paper's runs
-    did) and DDP on CPU (no sharding to gain on CPU, and fewer collectives).
+    CUDA (it shards weights, gradients and AdamW state, so large models fit)
+    and DDP on CPU (fewer collectives, and CPU memory is rarely the limit).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
@@ -268,6 +268,9 @@ def wrap_model(model: Transformer, context: DistributedContext, precision: str) 
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # NOTE: only gloo on CPU has been run. FSDP2 on CUDA with NCCL, with bf16 gathering and with the
+    # fused AdamW that build_optimizer picks on CUDA, is written to the torch 2.13 API but untested.
+
     if precision == "bf16-mixed":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -294,7 +297,7 @@ def no_gradient_sync(train_model: Any, context: DistributedContext, sync: bool) 
 def clip_gradients(model: nn.Module, max_norm: float, context: DistributedContext) -> float:
     """Clip the global gradient norm to max_norm and return the norm before clipping.
 
-    Under FSDP each rank holds a shard of every gradient, so the norm is a
+    Under FSDP each rank has a shard of every gradient, so the norm is a
     DTensor that is reduced across ranks before the clipping factor is applied.
     """
     if context.strategy != "fsdp":
