@@ -103,9 +103,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint folder atomically and return its path.
 
-    optimizer is an optimiser or its state_dict(); weights, when given, replace
-    model.state_dict() (a sharded model's full weights gathered beforehand),
-    and the model then only supplies its config.
+    optimizer is an optimiser or its state_dict(). When weights are given
+    (a sharded model's full weights, gathered beforehand), they replace
+    model.state_dict() and the model only supplies its config.
     """
     folder = Path(folder)
     weights = model_state(model) if weights is None else {k: v.detach().cpu().contiguous() for k, v in weights.items()}

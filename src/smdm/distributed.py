@@ -199,8 +199,8 @@ def rows_of_rank(global_batch: int, rank: int, world_size: int) -> slice:
 def local_micro_batch(global_batch: int, micro_batch: int, world_size: int) -> tuple[int, int]:
     """Return (sequences per forward pass, accumulation steps) of one process.
 
-    micro_batch is the per-process forward size (0: the process's whole share);
-    it is capped at that share, which must be a multiple of it.
+    micro_batch is the per-process forward size (0: the process's whole share).
+    It is capped at that share, which must be a multiple of it.
     """
     per_rank = global_batch // world_size
     micro = min(micro_batch or per_rank, per_rank)
@@ -330,7 +330,7 @@ def gather_full_state(
 
     Every rank must call this. Rank 0 gets the weights by parameter name and
     the optimiser state keyed by integer ids, exactly as a single-process
-    model.state_dict() and optimizer.state_dict() would give them; the other
+    model.state_dict() and optimizer.state_dict() return them. The other
     ranks get empty dicts.
     """
     if not context.active:

@@ -144,7 +144,7 @@ class Trainer:
     """One training run of an MDM or an ARM on a prepared data folder, writing into run_dir.
 
     Under torchrun every process constructs its own Trainer with the same
-    arguments; rank 0 alone writes files and logs, and the metrics it records
+    arguments. Rank 0 alone writes files and logs, and the metrics it records
     are reduced over all processes.
     """
 
