@@ -40,8 +40,12 @@ TRAIN = dict(
     ssl_ratio=0.5, eval_interval=2, eval_batches=3, eval_mc_samples=2, log_interval=1,
     checkpoint_interval=2, device="cpu", precision="fp32",
 )
-# FSDP also recomputes activations, which must not change any number.
-STRATEGY_RUNS = {"ddp": dict(strategy="ddp"), "fsdp": dict(strategy="fsdp", activation_checkpointing=True)}
+# name -> (model kind, Trainer options). FSDP also recomputes activations, which must not change any number.
+STRATEGY_RUNS = {
+    "ddp": ("mdm", dict(strategy="ddp")),
+    "fsdp": ("mdm", dict(strategy="fsdp", activation_checkpointing=True)),
+    "fsdp-arm": ("arm", dict(strategy="fsdp")),
+}
 
 
 def model_config(data_dir: Path, kind: str = "mdm") -> ModelConfig:
@@ -70,10 +74,10 @@ def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str) 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
     try:
-        for name, options in STRATEGY_RUNS.items():
+        for name, (kind, options) in STRATEGY_RUNS.items():
             record: list[dict] = []
             install_spies(record)
-            trainer = Trainer(model_config(Path(data_dir)), TrainConfig(**TRAIN), data_dir,
+            trainer = Trainer(model_config(Path(data_dir), kind), TrainConfig(**TRAIN), data_dir,
                               Path(out_dir) / name, **options)
             result = trainer.fit()
             summary = {"reads": record, "history": result.history, "strategy": trainer.dist.strategy,
@@ -94,19 +98,32 @@ def data_dir(tmp_path_factory) -> Path:
     return folder / "data"
 
 
-@pytest.fixture(scope="module")
-def single_run(data_dir, tmp_path_factory) -> dict:
-    """The reference: one process, no process group."""
-    torch.set_num_threads(1)
+def train_single_process(data_dir: Path, run_dir: Path, kind: str) -> dict:
+    """Train the reference run: one process, no process group."""
     record: list[dict] = []
     saved = smdm.train.read_windows, smdm.train.mdm_loss
     install_spies(record)
     try:
-        run_dir = tmp_path_factory.mktemp("single") / "run"
-        result = Trainer(model_config(data_dir), TrainConfig(**TRAIN), data_dir, run_dir).fit()
+        result = Trainer(model_config(data_dir, kind), TrainConfig(**TRAIN), data_dir, run_dir).fit()
     finally:
         smdm.train.read_windows, smdm.train.mdm_loss = saved
     return {"reads": record, "history": result.history, "run_dir": run_dir}
+
+
+@pytest.fixture(scope="module")
+def single_runs(data_dir, tmp_path_factory) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {kind: train_single_process(data_dir, tmp_path_factory.mktemp("single") / kind, kind)
+                for kind in ("mdm", "arm")}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def single_run(single_runs) -> dict:
+    return single_runs["mdm"]
 
 
 @pytest.fixture(scope="module")
@@ -136,10 +153,12 @@ def latest_tensors(run_dir: Path, file: str) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_RUNS))
-def test_two_processes_match_loss_curve(strategy, single_run, two_process_runs):
+def test_two_processes_match_loss_curve(strategy, single_runs, two_process_runs):
+    kind, _ = STRATEGY_RUNS[strategy]
+    single_run = single_runs[kind]
     run = two_process_runs[strategy]
     rank0 = run["ranks"][0]
-    assert rank0["strategy"] == strategy
+    assert rank0["strategy"] == strategy.split("-")[0]
     assert (rank0["micro_batch"], rank0["accumulation"]) == (2, 2)
     for key in ("loss", "grad_norm", "val_loss"):
         assert_close_rows(metric_rows(rank0["history"], key), metric_rows(single_run["history"], key), key)
@@ -181,7 +200,9 @@ def test_ranks_read_disjoint_rows_of_global_batch(single_run, two_process_runs):
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGY_RUNS))
-def test_two_process_checkpoint_resumes_in_one(strategy, data_dir, single_run, two_process_runs, tmp_path):
+def test_two_process_checkpoint_resumes_in_one(strategy, data_dir, single_runs, two_process_runs, tmp_path):
+    kind, _ = STRATEGY_RUNS[strategy]
+    single_run = single_runs[kind]
     run_dir = tmp_path / "run"
     shutil.copytree(two_process_runs[strategy]["run_dir"], run_dir)
     # Act as if the job died after the checkpoint of step 2.
@@ -189,8 +210,7 @@ def test_two_process_checkpoint_resumes_in_one(strategy, data_dir, single_run, t
     (root / LATEST_FILE).write_text("step-0000002")
     shutil.rmtree(root / "step-0000004")
 
-    torch.set_num_threads(1)
-    trainer = Trainer(model_config(data_dir), TrainConfig(**TRAIN), data_dir, run_dir, resume=True)
+    trainer = Trainer(model_config(data_dir, kind), TrainConfig(**TRAIN), data_dir, run_dir, resume=True)
     assert trainer.dist.world_size == 1
     assert trainer.step == 2
     result = trainer.fit()
@@ -204,7 +224,6 @@ def test_two_process_checkpoint_resumes_in_one(strategy, data_dir, single_run, t
 
 
 def test_activation_checkpointing_keeps_loss(data_dir, single_run, tmp_path):
-    torch.set_num_threads(1)
     trainer = Trainer(model_config(data_dir), TrainConfig(**TRAIN), data_dir, tmp_path / "run",
                       activation_checkpointing=True)
     result = trainer.fit()
