@@ -317,7 +317,7 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
 
     def evaluate(self) -> dict:
-        """Validation loss on the same windows and seeds for any world size; every rank must call it."""
+        """Return the validation loss on the same windows and seeds for any world size; every rank must call it."""
         settings = dict(
             max_sequences=self.config.eval_batches * self.config.micro_batch_size,
             batch_size=self.config.micro_batch_size,
