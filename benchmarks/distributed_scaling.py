@@ -36,7 +36,7 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SOURCE))
 
-from smdm.config import ModelConfig  # noqa: E402
+from smdm.config import ModelConfig
 
 # Dense bf16 peak of the GPU's tensor cores, from the vendors' data sheets (SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -64,8 +64,7 @@ def make_data(folder: Path, vocab_size: int, n_tokens: int, seed: int = 0) -> Pa
     rng = random.Random(seed)
     corpus = folder / f"random-{vocab_size}.txt"
     with open(corpus, "w", encoding="utf-8") as handle:
-        for _ in range(n_tokens // 1000):
-            handle.write(" ".join(rng.choices(words, k=1000)) + "\n\n")
+        handle.writelines(" ".join(rng.choices(words, k=1000)) + "\n\n" for _ in range(n_tokens // 1000))
     prepare(corpus, data, tokenizer=tokenizer, val_fraction=0.02)
     return data
 
@@ -87,7 +86,7 @@ def run_train(processes: int | None, train_flags: list[str], out: Path, threads:
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     started = time.time()
-    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{completed.stderr[-4000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -186,7 +185,8 @@ def main() -> None:
     gpu.add_argument("--skip", type=int, default=5, help="logged steps left out of the rate (start-up, warm-up)")
     gpu.add_argument("--activation-checkpointing", action="store_true")
     gpu.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of the GPU")
-    gpu.add_argument("--vocab-size", type=int, default=32000, help="ids of the random-word tokenizer (default: PAPER_VOCAB_SIZE, 32000)")
+    gpu.add_argument("--vocab-size", type=int, default=32000,
+                     help="ids of the random-word tokenizer (default: PAPER_VOCAB_SIZE, 32000)")
     gpu.add_argument("--tokens", type=int, default=5_000_000, help="random training tokens to prepare")
     gpu.add_argument("--work", default=None, help="folder for data and runs (default: a new temporary folder)")
 

@@ -69,7 +69,7 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state dict (or the optimiser itself) into flat tensors (for safetensors) and JSON-safe groups."""
+    """Split an optimiser's state dict (or the optimiser) into flat tensors for safetensors and JSON-safe groups."""
     state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for index, values in state["state"].items():

@@ -115,10 +115,10 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from smdm.data.shards import TokenData
     from smdm.train import train
-
-    import torch.distributed as dist
 
     data = TokenData(args.data)
     model_config = model_config_from_args(args, data.vocab_size)

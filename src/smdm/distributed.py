@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -50,7 +50,7 @@ class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"
     """"none" (a plain module), "ddp" or "fsdp"."""
     owns_group: bool = False
@@ -86,7 +86,7 @@ class DistributedContext:
         if self.is_main:
             try:
                 payload[0] = (True, function())
-            except Exception as error:  # re-raised below on every rank
+            except Exception as error:  # noqa: BLE001 (re-raised below on every rank)
                 payload[0] = (False, error)
         dist.broadcast_object_list(payload, src=0, device=self._collective_device())
         ok, value = payload[0]

@@ -317,14 +317,17 @@ class Trainer:
             handle.write(json.dumps(row) + "\n")
 
     def evaluate(self) -> dict:
-        """Return the validation loss on the same windows and seeds for any world size; every rank must call it."""
-        settings = dict(
-            max_sequences=self.config.eval_batches * self.config.micro_batch_size,
-            batch_size=self.config.micro_batch_size,
-            mc_samples=self.config.eval_mc_samples,
-            seed=self.config.eval_seed,
-            precision=self.precision,
-        )
+        """Return the validation loss, on the same windows and seeds for any world size.
+
+        Under torch.distributed every rank must call it.
+        """
+        settings = {
+            "max_sequences": self.config.eval_batches * self.config.micro_batch_size,
+            "batch_size": self.config.micro_batch_size,
+            "mc_samples": self.config.eval_mc_samples,
+            "seed": self.config.eval_seed,
+            "precision": self.precision,
+        }
         if not self.dist.active:
             return validation_loss(self.model, self.val_tokens, self.config.seq_len, **settings)
         return sharded_validation_loss(self.model, self.val_tokens, self.config.seq_len, self.dist, **settings)
