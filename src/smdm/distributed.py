@@ -53,8 +53,6 @@ class DistributedContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     strategy: str = "none"
     """"none" (a plain module), "ddp" or "fsdp"."""
-    owns_group: bool = False
-    """True when this context created the process group, so shutdown() should destroy it."""
 
     @property
     def is_main(self) -> bool:
@@ -107,10 +105,10 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in LAUNCHER_VARIABLES)
 
 
-def _process_device(requested: str, local_rank: int, world_size: int) -> torch.device:
+def _process_device(requested: str, local_rank: int, world_size: int, launched: bool) -> torch.device:
     """Pick this process's device: cuda:LOCAL_RANK under a launcher, else what resolve_device returns."""
     device = resolve_device(requested)
-    if device.type != "cuda":
+    if device.type != "cuda" or not launched:
         return device
     if world_size > 1 and requested not in ("auto", "cuda"):
         raise ValueError(
@@ -161,12 +159,11 @@ def setup_distributed(device: str = "auto", strategy: str = "auto") -> Distribut
         rank, world_size, local_rank = (int(os.environ[name]) for name in LAUNCHER_VARIABLES)
     else:
         rank, world_size, local_rank = 0, 1, 0
-    resolved_device = _process_device(device, local_rank, world_size)
+    resolved_device = _process_device(device, local_rank, world_size, launched or dist.is_initialized())
     resolved = resolve_strategy(strategy, world_size, resolved_device, launched or dist.is_initialized())
     if resolved == "none":
         return DistributedContext(device=resolved_device)
 
-    owns_group = False
     if not dist.is_initialized():
         backend = "nccl" if resolved_device.type == "cuda" else "gloo"
         if launched:
@@ -175,14 +172,7 @@ def setup_distributed(device: str = "auto", strategy: str = "auto") -> Distribut
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=COLLECTIVE_TIMEOUT)
-        owns_group = True
-    return DistributedContext(rank, world_size, local_rank, resolved_device, resolved, owns_group)
-
-
-def shutdown_distributed(context: DistributedContext) -> None:
-    """Destroy the process group if `context` created it."""
-    if context.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+    return DistributedContext(rank, world_size, local_rank, resolved_device, resolved)
 
 
 def rows_of_rank(global_batch: int, rank: int, world_size: int) -> slice:
