@@ -12,9 +12,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -52,11 +54,19 @@ def model_config(data_dir: Path, kind: str = "mdm") -> ModelConfig:
     return ModelConfig.from_name(MODEL, kind=kind, vocab_size=TokenData(data_dir).vocab_size, block_size=SEQ_LEN)
 
 
-def install_spies(record: list[dict]) -> None:
-    """Record the window offsets and diffusion times that each training micro-batch uses."""
-    read_windows, mdm_loss = smdm.train.read_windows, smdm.train.mdm_loss
+READ_WINDOWS, MDM_LOSS = smdm.train.read_windows, smdm.train.mdm_loss
+
+
+def install_spies(record: list[dict], on_read=None) -> None:
+    """Record the window offsets and diffusion times that each training micro-batch uses.
+
+    on_read, when given, is called with the number of reads so far before each read.
+    """
+    read_windows, mdm_loss = READ_WINDOWS, MDM_LOSS
 
     def spy_read_windows(tokens, starts, window):
+        if on_read is not None:
+            on_read(len(record))
         record.append({"starts": [int(s) for s in starts]})
         return read_windows(tokens, starts, window)
 
@@ -72,7 +82,9 @@ def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str) 
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE)
+    # A short timeout turns a rank that waits on a collective the other never joins into an error, not a hang.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=WORLD_SIZE,
+                            timeout=timedelta(seconds=90))
     try:
         for name, (kind, options) in STRATEGY_RUNS.items():
             record: list[dict] = []
@@ -83,7 +95,19 @@ def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str) 
             summary = {"reads": record, "history": result.history, "strategy": trainer.dist.strategy,
                        "micro_batch": trainer.micro_batch, "accumulation": trainer.accumulation_steps}
             (Path(out_dir) / f"{name}-rank{rank}.json").write_text(json.dumps(summary))
+
+        # Only rank 1 receives SIGTERM, during the second step (its reads 2 and 3); both ranks must stop after it.
+        def signal_rank1(reads: int) -> None:
+            if rank == 1 and reads == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        install_spies([], on_read=signal_rank1)
+        trainer = Trainer(model_config(Path(data_dir)), TrainConfig(**TRAIN), data_dir, Path(out_dir) / "stop",
+                          strategy="ddp")
+        result = trainer.fit()
+        (Path(out_dir) / f"stop-rank{rank}.json").write_text(json.dumps({"steps": result.steps}))
     finally:
+        smdm.train.read_windows, smdm.train.mdm_loss = READ_WINDOWS, MDM_LOSS
         dist.destroy_process_group()
 
 
@@ -110,12 +134,11 @@ def data_dir(tmp_path_factory) -> Path:
 def train_single_process(data_dir: Path, run_dir: Path, kind: str) -> dict:
     """Train the reference run: one process, no process group."""
     record: list[dict] = []
-    saved = smdm.train.read_windows, smdm.train.mdm_loss
     install_spies(record)
     try:
         result = Trainer(model_config(data_dir, kind), TrainConfig(**TRAIN), data_dir, run_dir).fit()
     finally:
-        smdm.train.read_windows, smdm.train.mdm_loss = saved
+        smdm.train.read_windows, smdm.train.mdm_loss = READ_WINDOWS, MDM_LOSS
     return {"reads": record, "history": result.history, "run_dir": run_dir}
 
 
@@ -138,6 +161,8 @@ def two_process_runs(data_dir, tmp_path_factory) -> dict:
     for name in STRATEGY_RUNS:
         ranks = [json.loads((out / f"{name}-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
         runs[name] = {"ranks": ranks, "run_dir": out / name}
+    runs["stop"] = {"ranks": [json.loads((out / f"stop-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)],
+                    "run_dir": out / "stop"}
     return runs
 
 
@@ -225,6 +250,16 @@ def test_two_process_checkpoint_resumes_in_one(strategy, data_dir, single_runs, 
     # The metrics file contains the whole curve once: the rows after step 2 were rewritten, not duplicated.
     written = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in written] == [row["step"] for row in single_run["history"]]
+
+
+def test_signal_to_one_rank_stops_all(two_process_runs):
+    run = two_process_runs["stop"]
+    assert [rank["steps"] for rank in run["ranks"]] == [2, 2]
+    root = run["run_dir"] / CHECKPOINTS_DIR
+    assert (root / LATEST_FILE).read_text() == "step-0000002"
+    assert (root / "step-0000002" / MODEL_FILE).is_file()
+    written = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert max(row["step"] for row in written) == 2
 
 
 def test_activation_checkpointing_keeps_loss(data_dir, single_run, tmp_path):
