@@ -68,9 +68,9 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimiser state dict into flat tensors (for safetensors) and JSON-safe groups."""
-    state = optimizer.state_dict()
+def optimizer_to_tensors(optimizer: torch.optim.Optimizer | dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimiser's state dict (or the optimiser) into flat tensors for safetensors and JSON-safe groups."""
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -96,13 +96,19 @@ def save_checkpoint(
     model: Transformer,
     tokenizer: Tokenizer,
     *,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: torch.optim.Optimizer | dict | None = None,
     trainer_state: dict | None = None,
     train_config: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a checkpoint folder atomically and return its path."""
+    """Write a checkpoint folder atomically and return its path.
+
+    optimizer is an optimiser or its state_dict(). When weights are given
+    (a sharded model's full weights, gathered beforehand), they replace
+    model.state_dict() and the model only supplies its config.
+    """
     folder = Path(folder)
-    weights = model_state(model)
+    weights = model_state(model) if weights is None else {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     optimizer_tensors, optimizer_groups = optimizer_to_tensors(optimizer) if optimizer is not None else ({}, {})
     config = {"model": model.config.to_dict(), "train": train_config or {}}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -26,7 +27,8 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="training sequence length in tokens")
     group.add_argument("--global-batch", type=int, default=defaults.global_batch, help="sequences per optimiser step")
     group.add_argument("--micro-batch", type=int, default=defaults.micro_batch,
-                       help="sequences per forward pass (0: the whole global batch); the rest is accumulated")
+                       help="sequences per forward pass of each process (0: the process's whole share of the "
+                            "global batch); the rest is accumulated")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
     group.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
@@ -90,6 +92,19 @@ def add_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     _add_model_args(parser)
     _add_train_args(parser)
+    _add_distributed_args(parser)
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    from smdm.distributed import STRATEGIES
+
+    group = parser.add_argument_group("distributed (launch with torchrun for several processes)")
+    group.add_argument("--strategy", choices=STRATEGIES, default="auto",
+                       help="data parallelism across processes: ddp replicates the model, fsdp shards it per "
+                            "transformer block; auto is fsdp on CUDA and ddp on CPU, and none for a single process "
+                            "started without torchrun")
+    group.add_argument("--activation-checkpointing", action="store_true",
+                       help="recompute each block's activations in backward to save memory (one more forward pass per block, about a third more compute)")
 
 
 def model_config_from_args(args: argparse.Namespace, vocab_size: int):
@@ -100,14 +115,24 @@ def model_config_from_args(args: argparse.Namespace, vocab_size: int):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from smdm.data.shards import TokenData
     from smdm.train import train
 
     data = TokenData(args.data)
     model_config = model_config_from_args(args, data.vocab_size)
-    result = train(model_config, _train_config(args), args.data, args.out, resume=args.resume)
-    print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
-                      "validation": result.final_val}, indent=2))
+    owned_group = not dist.is_initialized()
+    try:
+        result = train(model_config, _train_config(args), args.data, args.out, resume=args.resume,
+                       strategy=args.strategy, activation_checkpointing=args.activation_checkpointing)
+    finally:
+        if owned_group and dist.is_initialized():
+            dist.destroy_process_group()
+    # Under torchrun only rank 0 prints the summary.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "tokens": result.tokens,
+                          "validation": result.final_val}, indent=2))
     return 0
 
 

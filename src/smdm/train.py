@@ -4,6 +4,10 @@ Randomness is keyed by (seed, step): the batch windows, the diffusion times,
 the masking noise and the stochastic-length cut of step s are the same whether
 the run went straight through or was resumed, so a resumed run reproduces the
 uninterrupted loss curve exactly on CPU.
+
+Under torch.distributed every process draws the same global batch and noise
+and trains on its own contiguous block of rows (see smdm.distributed), so the
+data order and the masks of a run do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -28,10 +32,22 @@ from smdm.checkpoint import (
 from smdm.config import ModelConfig, TrainConfig
 from smdm.data.shards import TokenData, read_windows, window_starts
 from smdm.diffusion import arm_loss, mdm_loss
+from smdm.distributed import (
+    clip_gradients,
+    enable_activation_checkpointing,
+    gather_full_state,
+    load_full_state,
+    local_micro_batch,
+    no_gradient_sync,
+    rows_of_rank,
+    setup_distributed,
+    sharded_validation_loss,
+    wrap_model,
+)
 from smdm.errors import TrainingDiverged
 from smdm.evaluate.validation import validation_loss
 from smdm.model import Transformer
-from smdm.runtime import autocast, generator, resolve_device, resolve_precision
+from smdm.runtime import autocast, generator, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +141,12 @@ class _StopRequest:
 
 
 class Trainer:
-    """One training run of an MDM or an ARM on a prepared data folder, writing into run_dir."""
+    """One training run of an MDM or an ARM on a prepared data folder, writing into run_dir.
+
+    Under torchrun every process constructs its own Trainer with the same
+    arguments. Rank 0 alone writes files and logs, and the metrics it records
+    are reduced over all processes.
+    """
 
     def __init__(
         self,
@@ -136,18 +157,32 @@ class Trainer:
         *,
         resume: bool = False,
         keep_checkpoints: int = 2,
+        strategy: str = "auto",
+        activation_checkpointing: bool = False,
     ) -> None:
         self.model_config = model_config
         self.config = train_config
         self.run_dir = Path(run_dir)
         self.keep_checkpoints = keep_checkpoints
+        self.activation_checkpointing = activation_checkpointing
         self.data = TokenData(data_dir)
         self._check_compatible()
 
-        self.device = resolve_device(train_config.device)
+        # Join the process group and find this process's rows of every global batch.
+        self.dist = setup_distributed(train_config.device, strategy)
+        self.device = self.dist.device
         self.precision = resolve_precision(train_config.precision, self.device)
+        self.rows = rows_of_rank(train_config.global_batch, self.dist.rank, self.dist.world_size)
+        self.micro_batch, self.accumulation_steps = local_micro_batch(
+            train_config.global_batch, train_config.micro_batch, self.dist.world_size
+        )
+
+        # Every rank builds the same initial weights from the seed, then shards or replicates them.
         torch.manual_seed(train_config.seed)
         self.model = Transformer(model_config).to(self.device)
+        if activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self._forward_model = wrap_model(self.model, self.dist, self.precision)
         self.optimizer = build_optimizer(self.model, train_config, self.device)
         self.total_steps = train_config.resolve_steps(model_config.n_non_embedding, model_config.kind)
         self.warmup_steps = train_config.warmup_steps(self.total_steps)
@@ -157,15 +192,17 @@ class Trainer:
         self.val_tokens = self.data.split("val")
         self.history: list[dict] = []
 
-        checkpoint_root = self.run_dir / CHECKPOINTS_DIR
-        if resume and (checkpoint_root / LATEST_FILE).is_file():
+        latest = self.run_dir / CHECKPOINTS_DIR / LATEST_FILE
+        has_checkpoint = self.dist.run_on_main(latest.is_file)
+        if resume and has_checkpoint:
             self._resume()
-        elif (checkpoint_root / LATEST_FILE).is_file():
+        elif has_checkpoint:
             raise FileExistsError(
                 f"{self.run_dir} already contains a run; pass --resume to continue it or choose another --out"
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(self.run_dir / RUN_CONFIG_FILE, json.dumps(self.resolved_config(), indent=2))
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(self.run_dir / RUN_CONFIG_FILE, json.dumps(self.resolved_config(), indent=2))
 
     def _check_compatible(self) -> None:
         problems = []
@@ -191,6 +228,9 @@ class Trainer:
             "tokenizer": self.data.meta["tokenizer"]["identity"],
             "device": str(self.device),
             "precision": self.precision,
+            "world_size": self.dist.world_size,
+            "strategy": self.dist.strategy,
+            "activation_checkpointing": self.activation_checkpointing,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
             "n_non_embedding": self.model_config.n_non_embedding,
@@ -199,23 +239,32 @@ class Trainer:
 
     # Checkpoints.
     def _resume(self) -> None:
-        checkpoint = read_checkpoint(self.run_dir)
-        problems = []
-        if checkpoint.model_config != self.model_config:
-            problems.append(
-                f"model config differs from the checkpoint's ({checkpoint.model_config.to_dict()}); "
-                "resume with the same --model and --kind"
-            )
-        if checkpoint.tokenizer.identity != self.data.tokenizer.identity:
-            problems.append(f"the tokenizer of {self.data.folder} is not the one the checkpoint was trained with")
-        if problems:
-            raise ValueError(f"cannot resume {checkpoint.folder}: " + "; ".join(problems))
-        self.model.load_state_dict(checkpoint.weights())
-        self.optimizer.load_state_dict(checkpoint.optimizer_state())
-        self.step = checkpoint.trainer_state["step"]
-        self.tokens_seen = checkpoint.trainer_state["tokens_seen"]
-        self._truncate_metrics(self.step)
-        log.info("resumed from %s at step %d", checkpoint.folder, self.step)
+        # Rank 0 reads and checks the checkpoint, then broadcasts its tensors to the other ranks.
+        loaded: dict = {"weights": None, "optimizer": None}
+
+        def read() -> tuple[str, dict]:
+            checkpoint = read_checkpoint(self.run_dir)
+            problems = []
+            if checkpoint.model_config != self.model_config:
+                problems.append(
+                    f"model config differs from the checkpoint's ({checkpoint.model_config.to_dict()}); "
+                    "resume with the same --model and --kind"
+                )
+            if checkpoint.tokenizer.identity != self.data.tokenizer.identity:
+                problems.append(f"the tokenizer of {self.data.folder} is not the one the checkpoint was trained with")
+            if problems:
+                raise ValueError(f"cannot resume {checkpoint.folder}: " + "; ".join(problems))
+            loaded["weights"] = checkpoint.weights()
+            loaded["optimizer"] = checkpoint.optimizer_state()
+            return str(checkpoint.folder), checkpoint.trainer_state
+
+        folder, trainer_state = self.dist.run_on_main(read)
+        load_full_state(self.model, self.optimizer, loaded["weights"], loaded["optimizer"], self.dist)
+        self.step = trainer_state["step"]
+        self.tokens_seen = trainer_state["tokens_seen"]
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+            log.info("resumed from %s at step %d", folder, self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop metric rows written after the checkpoint, which the resumed run will write again."""
@@ -226,78 +275,111 @@ class Trainer:
         write_text_atomically(path, "".join(line + "\n" for line in kept))
 
     def save(self) -> Path:
+        """Write a checkpoint of this step; under torch.distributed every rank must call it.
+
+        The full state is gathered to rank 0, which alone writes. The folder is
+        renamed into place before `latest` names it, so a rank that dies during
+        the gather or the write leaves the previous checkpoint as the latest.
+        """
         name = f"step-{self.step:07d}"
         root = self.run_dir / CHECKPOINTS_DIR
-        folder = save_checkpoint(
-            root / name,
-            self.model,
-            self.data.tokenizer,
-            optimizer=self.optimizer,
-            trainer_state={"step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps},
-            train_config=self.config.to_dict(),
-        )
-        write_text_atomically(root / LATEST_FILE, name)
+        folder = root / name
+        trainer_state = {"step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps}
+        if not self.dist.active:
+            save_checkpoint(folder, self.model, self.data.tokenizer, optimizer=self.optimizer,
+                            trainer_state=trainer_state, train_config=self.config.to_dict())
+        else:
+            weights, optimizer_state = gather_full_state(self.model, self.optimizer, self.dist)
+            if self.dist.is_main:
+                save_checkpoint(folder, self.model, self.data.tokenizer, optimizer=optimizer_state,
+                                weights=weights, trainer_state=trainer_state, train_config=self.config.to_dict())
+        if self.dist.is_main:
+            write_text_atomically(root / LATEST_FILE, name)
+            self._remove_stale_checkpoints(root, name)
+        # Every rank returns only once the checkpoint is complete.
+        self.dist.barrier()
+        return folder
+
+    def _remove_stale_checkpoints(self, root: Path, name: str) -> None:
         # Keep the newest checkpoints only; the one just written is never removed.
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p.name != name)
         for stale in old[: max(0, len(old) - (self.keep_checkpoints - 1))]:
             for file in stale.iterdir():
                 file.unlink()
             stale.rmdir()
-        return folder
 
     # Metrics.
     def _record(self, row: dict) -> None:
         self.history.append(row)
+        if not self.dist.is_main:
+            return
         with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
 
     def evaluate(self) -> dict:
-        return validation_loss(
-            self.model,
-            self.val_tokens,
-            self.config.seq_len,
-            max_sequences=self.config.eval_batches * self.config.micro_batch_size,
-            batch_size=self.config.micro_batch_size,
-            mc_samples=self.config.eval_mc_samples,
-            seed=self.config.eval_seed,
-            precision=self.precision,
-        )
+        """Return the validation loss, on the same windows and seeds for any world size.
+
+        Under torch.distributed every rank must call it.
+        """
+        settings = {
+            "max_sequences": self.config.eval_batches * self.config.micro_batch_size,
+            "batch_size": self.config.micro_batch_size,
+            "mc_samples": self.config.eval_mc_samples,
+            "seed": self.config.eval_seed,
+            "precision": self.precision,
+        }
+        if not self.dist.active:
+            return validation_loss(self.model, self.val_tokens, self.config.seq_len, **settings)
+        return sharded_validation_loss(self.model, self.val_tokens, self.config.seq_len, self.dist, **settings)
 
     # One optimiser step.
     def train_step(self) -> tuple[float, float, int]:
-        """Run forward and backward over the micro-batches of one step; return (loss, grad norm, tokens)."""
+        """Run forward and backward over this rank's micro-batches of one step.
+
+        Returns (loss, grad norm, tokens) of the whole global batch: the loss is
+        averaged over all ranks and the token count covers all of them.
+        """
         config, is_mdm = self.config, self.model_config.is_mdm
         window = config.seq_len + (0 if is_mdm else 1)
+        # Draw the global batch's windows and noise, keyed by (seed, step), and keep this rank's rows.
         starts = window_starts(len(self.train_tokens), window, config.global_batch, config.seed, self.step)
+        starts = starts[self.rows]
         noise = draw_step_noise(config, self.step) if is_mdm else None
-        micro = config.micro_batch_size
-        total_loss, tokens = 0.0, 0
-        for first in range(0, config.global_batch, micro):
+        length = noise.length if is_mdm else config.seq_len
+        micro, accumulation = self.micro_batch, self.accumulation_steps
+        total_loss = 0.0
+        for index, first in enumerate(range(0, len(starts), micro)):
             rows = slice(first, first + micro)
-            x = torch.from_numpy(read_windows(self.train_tokens, starts[rows], window)).to(self.device)
-            with autocast(self.device, self.precision):
-                if is_mdm:
-                    x = x[:, : noise.length]
-                    t = noise.t[rows].to(self.device)
-                    u = noise.noise[rows].to(self.device)
-                    loss = mdm_loss(self.model, x, t, u, self.model_config.mask_id, config.mask_eps)
-                else:
-                    loss = arm_loss(self.model, x)
-            (loss / config.accumulation_steps).backward()
-            total_loss += loss.item() / config.accumulation_steps
-            tokens += x.numel() if is_mdm else x[:, 1:].numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip).item()
-        return total_loss, grad_norm, tokens
+            # Reduce gradients across ranks only in the backward of the last micro-batch.
+            with no_gradient_sync(self._forward_model, self.dist, sync=index == accumulation - 1):
+                x = torch.from_numpy(read_windows(self.train_tokens, starts[rows], window)).to(self.device)
+                with autocast(self.device, self.precision):
+                    if is_mdm:
+                        x = x[:, :length]
+                        t = noise.t[self.rows][rows].to(self.device)
+                        u = noise.noise[self.rows][rows].to(self.device)
+                        loss = mdm_loss(self._forward_model, x, t, u, self.model_config.mask_id, config.mask_eps)
+                    else:
+                        loss = arm_loss(self._forward_model, x)
+                (loss / accumulation).backward()
+            total_loss += loss.item() / accumulation
+        grad_norm = clip_gradients(self.model, config.grad_clip, self.dist)
+        if self.dist.active:
+            total_loss = self.dist.all_reduce_sum([total_loss])[0] / self.dist.world_size
+        return total_loss, grad_norm, config.global_batch * length
 
     def fit(self) -> TrainResult:
         config = self.config
         self.model.train()
-        log.info(
-            "training %s %s (%s non-embedding, %s total parameters) for %d steps of %d x %d tokens on %s (%s)",
-            self.model_config.kind.upper(), self.model_config.name or "custom",
-            f"{self.model_config.n_non_embedding:,}", f"{self.model_config.n_params:,}",
-            self.total_steps, config.global_batch, config.seq_len, self.device, self.precision,
-        )
+        if self.dist.is_main:
+            log.info(
+                "training %s %s (%s non-embedding, %s total parameters) for %d steps of %d x %d tokens "
+                "on %d x %s (%s, strategy %s, %d x %d sequences per process and step)",
+                self.model_config.kind.upper(), self.model_config.name or "custom",
+                f"{self.model_config.n_non_embedding:,}", f"{self.model_config.n_params:,}",
+                self.total_steps, config.global_batch, config.seq_len, self.dist.world_size, self.device,
+                self.precision, self.dist.strategy, self.accumulation_steps, self.micro_batch,
+            )
         interval_start, interval_tokens, run_start = time.time(), 0, time.time()
         start_step = self.step
         final_val: dict = {}
@@ -322,6 +404,10 @@ class Trainer:
                 self.step += 1
                 self.tokens_seen += tokens
                 interval_tokens += tokens
+                # A signal may reach the ranks in different steps; stop all of them at the same one.
+                stopping = stop.requested
+                if self.dist.active:
+                    stopping = self.dist.all_reduce_sum([float(stop.requested)])[0] > 0
 
                 # Log one line per interval.
                 if self.step % config.log_interval == 0 or self.step == self.total_steps:
@@ -329,11 +415,12 @@ class Trainer:
                     rate = interval_tokens / max(now - interval_start, 1e-9)
                     steps_per_s = (self.step - start_step) / max(now - run_start, 1e-9)
                     eta = (self.total_steps - self.step) / max(steps_per_s, 1e-9)
-                    log.info(
-                        "step %d/%d | tokens %s | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | ETA %s",
-                        self.step, self.total_steps, f"{self.tokens_seen:,}", loss, lr, grad_norm,
-                        f"{rate:,.0f}", format_duration(eta),
-                    )
+                    if self.dist.is_main:
+                        log.info(
+                            "step %d/%d | tokens %s | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | ETA %s",
+                            self.step, self.total_steps, f"{self.tokens_seen:,}", loss, lr, grad_norm,
+                            f"{rate:,.0f}", format_duration(eta),
+                        )
                     self._record({"step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
                                   "grad_norm": grad_norm, "tokens_per_s": rate, "elapsed_s": now - run_start})
                     interval_start, interval_tokens = time.time(), 0
@@ -342,15 +429,18 @@ class Trainer:
                 if self.step % config.eval_interval == 0 or self.step == self.total_steps:
                     final_val = self.evaluate()
                     label = "NELBO bound" if final_val["bound"] else "loss"
-                    log.info("step %d | validation %s %.4f nats/token", self.step, label, final_val["loss"])
+                    if self.dist.is_main:
+                        log.info("step %d | validation %s %.4f nats/token", self.step, label, final_val["loss"])
                     self._record({"step": self.step, "tokens": self.tokens_seen, "val_loss": final_val["loss"]})
 
                 # Checkpoint on an interval, at the end and when asked to stop.
-                if self.step % config.checkpoint_interval == 0 or self.step == self.total_steps or stop.requested:
+                if self.step % config.checkpoint_interval == 0 or self.step == self.total_steps or stopping:
                     folder = self.save()
-                    log.info("saved checkpoint %s", folder)
-                if stop.requested:
-                    log.warning("stopped at step %d; continue with --resume", self.step)
+                    if self.dist.is_main:
+                        log.info("saved checkpoint %s", folder)
+                if stopping:
+                    if self.dist.is_main:
+                        log.warning("stopped at step %d; continue with --resume", self.step)
                     raise KeyboardInterrupt
         if not final_val:
             final_val = self.evaluate()
@@ -364,6 +454,10 @@ def train(
     run_dir: str | Path,
     *,
     resume: bool = False,
+    strategy: str = "auto",
+    activation_checkpointing: bool = False,
 ) -> TrainResult:
     """Train a model on a prepared data folder and return its final validation result."""
-    return Trainer(model_config, train_config, data_dir, run_dir, resume=resume).fit()
+    trainer = Trainer(model_config, train_config, data_dir, run_dir, resume=resume, strategy=strategy,
+                      activation_checkpointing=activation_checkpointing)
+    return trainer.fit()
