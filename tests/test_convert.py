@@ -233,6 +233,11 @@ def test_reference_rejects_inconsistent_vocabulary():
         from_reference(tensors, n_head=2)
 
 
+def test_reference_import_points_hf_weights_elsewhere():
+    with pytest.raises(ValueError, match="import-hf"):
+        from_reference(to_hf(random_model("arm")), n_head=2)
+
+
 def test_reference_kind_must_match_shapes():
     tensors = to_reference(random_model("arm"))
 

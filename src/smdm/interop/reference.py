@@ -121,6 +121,11 @@ def config_from_reference(
     extra row is the mask id), the same rows mean an ARM. The weights do not fix block_size, so it
     defaults to 2048, the context of the released checkpoints.
     """
+    if "model.embed_tokens.weight" in tensors:
+        raise ValueError(
+            "these are Hugging Face LLaMA weights, not a reference checkpoint; import their folder with "
+            "`smdm convert import-hf`"
+        )
     embedding_rows, n_embd = _shape(tensors, EMBEDDING_KEY)
     head_rows = _shape(tensors, HEAD_KEY)[0]
     if embedding_rows == head_rows + 1:
