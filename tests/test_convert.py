@@ -114,6 +114,25 @@ def test_hf_folder_round_trip(tmp_path, tokenizer, token_ids, kind):
         assert torch.equal(loaded(token_ids), model(token_ids))
 
 
+def test_hf_import_reads_sharded_weights(tmp_path, tokenizer, token_ids):
+    pytest.importorskip("transformers")
+    model = random_model("arm", seed=5)
+    export_hf(model, tokenizer, tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for index, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-{index + 1:05d}-of-00002.safetensors"
+        save_file({name: tensors[name] for name in part}, tmp_path / "hf" / shard)
+        weight_map.update({name: shard for name in part})
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    loaded, _ = load_hf(tmp_path / "hf")
+    with torch.no_grad():
+        assert torch.equal(loaded(token_ids), model(token_ids))
+
+
 def test_mdm_folder_documents_loading(tmp_path, tokenizer):
     pytest.importorskip("transformers")
     export_hf(random_model("mdm"), tokenizer, tmp_path / "hf")
@@ -245,9 +264,14 @@ def test_reference_kind_must_match_shapes():
         from_reference(tensors, n_head=2, kind="mdm")
 
 
+def test_rope_table_dtype_is_validated():
+    with pytest.raises(ValueError, match="rope_table_dtype='float16' is invalid"):
+        ModelConfig(rope_table_dtype="float16")
+
+
 def test_bfloat16_rope_tables_round_as_reference(token_ids):
-    config = random_model("arm").config
     model = random_model("arm")
+    config = model.config
     rounded = from_reference(to_reference(model), n_head=2, block_size=64, rope_table_dtype="bfloat16")
 
     positions = torch.arange(64, dtype=torch.float32)
