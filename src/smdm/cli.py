@@ -232,6 +232,19 @@ def run_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+# convert
+def add_convert(parser: argparse.ArgumentParser) -> None:
+    from smdm.interop.commands import add_convert_arguments
+
+    add_convert_arguments(parser)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from smdm.interop.commands import run_convert as run
+
+    return run(args)
+
+
 Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
 
 VERBS: list[Verb] = [
@@ -242,6 +255,7 @@ VERBS: list[Verb] = [
     ("quickstart", "prepare the default corpus, train an MDM and an ARM, compare and sample", add_quickstart,
      run_quickstart),
     ("sizes", "list the model sizes", None, run_sizes),
+    ("convert", "import or export reference and Hugging Face checkpoints", add_convert, run_convert),
 ]
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 ModelKind = Literal["mdm", "arm"]
 MODEL_KINDS: tuple[str, ...] = ("mdm", "arm")
+ROPE_TABLE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 # name -> (n_layer, n_head, n_embd, intermediate_size). The paper's 30 sizes.
 PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -91,6 +92,9 @@ class ModelConfig:
     """Maximum sequence length (RoPE tables are built for it)."""
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
+    rope_table_dtype: str = "float32"
+    """Precision of the RoPE cos/sin tables: "float32", or "bfloat16" to round them as the reference
+    code of arXiv 2410.18514 does even in float32 runs. The buffers are float32 either way."""
     name: str = ""
     """Family name such as "19M"; informational."""
 
@@ -98,6 +102,8 @@ class ModelConfig:
         problems = []
         if self.kind not in MODEL_KINDS:
             problems.append(f"kind={self.kind!r} is invalid; use one of {MODEL_KINDS}")
+        if self.rope_table_dtype not in ROPE_TABLE_DTYPES:
+            problems.append(f"rope_table_dtype={self.rope_table_dtype!r} is invalid; use one of {ROPE_TABLE_DTYPES}")
         for key in ("n_layer", "n_head", "n_embd", "intermediate_size", "vocab_size", "block_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:

@@ -157,7 +157,10 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        cos, sin = rope_tables(config.block_size, config.head_size, config.rope_base)
+        cos, sin = rope_tables(
+            config.block_size, config.head_size, config.rope_base, dtype=getattr(torch, config.rope_table_dtype)
+        )
+        cos, sin = cos.float(), sin.float()  # a bfloat16 table keeps its rounded values in a float32 buffer
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

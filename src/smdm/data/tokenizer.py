@@ -11,8 +11,8 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -20,6 +20,10 @@ PAD_TOKEN = "<|pad|>"
 EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|eos|>", "[SEP]")
 PAD_CANDIDATES = (PAD_TOKEN, "<pad>", "[PAD]", "<unk>")
 TOKENIZER_FILE = "tokenizer.json"
+SENTENCEPIECE_FILE = "tokenizer.model"
+# SentencePiece piece types (sentencepiece_model.proto): UNKNOWN, CONTROL and USER_DEFINED.
+_SPM_UNKNOWN, _SPM_CONTROL, _SPM_USER_DEFINED = 2, 3, 4
+_SPM_UNIGRAM, _SPM_BPE = 1, 2
 
 class Tokenizer:
     """A Hugging Face `tokenizers` tokenizer with the ids smdm needs: EOS, pad and mask."""
@@ -77,18 +81,96 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load tokenizer.json, or a folder that contains one (a local Hugging Face tokenizer folder)."""
+        """Load a tokenizer.json or SentencePiece tokenizer.model file, or a folder with either.
+
+        A folder's tokenizer.json is preferred. The mask id is one past the last id, so a
+        LLaMA-2 tokenizer of 32,000 ids gets mask id 32,000.
+        """
         path = Path(path)
+        if path.is_dir() and not (path / TOKENIZER_FILE).is_file() and (path / SENTENCEPIECE_FILE).is_file():
+            return load_sentencepiece(path / SENTENCEPIECE_FILE)
+        if path.suffix == ".model":
+            return load_sentencepiece(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(
-                f"tokenizer not found at {path}: expected a tokenizer.json file or a folder containing one"
+                f"tokenizer not found at {path}: expected a tokenizer.json or SentencePiece tokenizer.model file, "
+                "or a folder containing one"
             )
         try:
             backend = HFTokenizer.from_file(str(file))
         except Exception as error:  # the Rust backend raises a bare Exception on malformed files
             raise ValueError(f"could not read tokenizer {file}: {error}. Is it a Hugging Face tokenizer.json?") from error
         return cls(backend, source=str(file))
+
+def load_sentencepiece(path: str | Path) -> Tokenizer:
+    """Convert a SentencePiece BPE or unigram model file into a `tokenizers` tokenizer with the same ids.
+
+    The pipeline is the legacy one of transformers' LlamaConverter: a "▁" is prepended (when the
+    model adds a dummy prefix), spaces become "▁", and unknown characters fall back to byte pieces
+    (when the model has byte fallback). Vocabulary and merges come from transformers'
+    SentencePieceExtractor.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SentencePiece model not found: {path}")
+    try:
+        from tokenizers.models import BPE
+        from transformers.convert_slow_tokenizer import SentencePieceExtractor
+    except ImportError as error:
+        raise ModuleNotFoundError(
+            f"reading {path} needs transformers, sentencepiece and protobuf; install them with "
+            "`pip install 'smdm[hf]'`"
+        ) from error
+    try:
+        extractor = SentencePieceExtractor(str(path))
+    except ImportError as error:  # raised when protobuf is missing
+        raise ModuleNotFoundError(f"reading {path} needs protobuf: {error}. Run `pip install 'smdm[hf]'`") from error
+    except Exception as error:  # protobuf's DecodeError on a file that is not a model
+        raise ValueError(f"could not read {path} as a SentencePiece model: {error}") from error
+    proto = extractor.proto
+    trainer, normalizer_spec = proto.trainer_spec, proto.normalizer_spec
+    if trainer.model_type == _SPM_BPE:
+        extracted = extractor.extract(BPE)
+        model = models.BPE(
+            extracted["vocab"], extracted["merges"], unk_token=trainer.unk_piece, fuse_unk=True,
+            byte_fallback=trainer.byte_fallback,
+        )
+    elif trainer.model_type == _SPM_UNIGRAM:
+        vocab = [(piece.piece, piece.score) for piece in proto.pieces]
+        model = models.Unigram(vocab, unk_id=trainer.unk_id, byte_fallback=trainer.byte_fallback)
+    else:
+        raise ValueError(
+            f"{path} is a SentencePiece model of type {trainer.model_type}; only BPE and unigram are supported"
+        )
+    backend = HFTokenizer(model)
+
+    steps = []
+    if normalizer_spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(normalizer_spec.precompiled_charsmap))
+    if normalizer_spec.remove_extra_whitespaces:
+        steps += [normalizers.Strip(), normalizers.Replace(Regex(" {2,}"), " ")]
+    if normalizer_spec.add_dummy_prefix:
+        steps.append(normalizers.Prepend("▁"))
+    steps.append(normalizers.Replace(" ", "▁"))
+    backend.normalizer = normalizers.Sequence(steps)
+    decoder_steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if normalizer_spec.add_dummy_prefix:
+        decoder_steps.append(decoders.Strip(" ", 1, 0))
+    backend.decoder = decoders.Sequence(decoder_steps)
+
+    # Unknown and control pieces (<unk>, <s>, </s>) never come out of normal text, so they are special.
+    backend.add_special_tokens([
+        AddedToken(piece.piece, normalized=False, special=True)
+        for piece in proto.pieces if piece.type in (_SPM_UNKNOWN, _SPM_CONTROL)
+    ])
+    backend.add_tokens([
+        AddedToken(piece.piece, normalized=False) for piece in proto.pieces if piece.type == _SPM_USER_DEFINED
+    ])
+    # Unigram scores are float32 in the model file but serialise with more digits; a JSON round trip
+    # now keeps the identity hash the same after save and load.
+    return Tokenizer(HFTokenizer.from_str(backend.to_str()), source=str(path))
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` ids (EOS and pad included) on an iterable of documents."""
