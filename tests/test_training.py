@@ -98,7 +98,7 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
     from smdm.data.tokenizer import train_bpe
 
     tokenizer = train_bpe(["a few words of text for a tokenizer"] * 10, vocab_size=300)
-    model = tiny_model("mdm", vocab_size=300)
+    model = tiny_model("mdm", vocab_size=tokenizer.vocab_size)
     save_checkpoint(tmp_path / "ckpt", model, tokenizer)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
