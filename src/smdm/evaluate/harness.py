@@ -184,7 +184,7 @@ class SmdmLM(TemplateLM):
         return self.greedy == "always"
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        pairs = [(context, continuation) for _, context, continuation in requests]
+        pairs = [self._fit_window(context, continuation) for _, context, continuation in requests]
         tasks = self._task_names if len(self._task_names) == len(pairs) else [None] * len(pairs)
         if not self.is_mdm:
             results = arm_loglikelihood(self.model, pairs, batch_size=self.batch_size)
@@ -194,6 +194,22 @@ class SmdmLM(TemplateLM):
             if strings is not None:
                 self.cache_hook.add_partial("loglikelihood", strings, result)
         return results
+
+    def _fit_window(self, context: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+        """Keep the last tokens of a continuation that does not fit the model, the earlier ones becoming context.
+
+        This is what lm-eval's Hugging Face model does with a too long request
+        (it keeps the last max_length + 1 tokens), so scores stay comparable.
+        An MDM keeps one context token on its canvas, an ARM reads one token
+        fewer than it scores.
+        """
+        limit = self.max_length - 1 if self.is_mdm else self.max_length
+        if len(continuation) <= limit:
+            return list(context), list(continuation)
+        log.warning("a continuation of %d tokens exceeds the model's window; scoring its last %d tokens",
+                    len(continuation), limit)
+        cut = len(continuation) - limit
+        return list(context) + list(continuation[:cut]), list(continuation[cut:])
 
     def _mdm_scores(self, pairs: list, tasks: list[str | None]) -> list[tuple[float, bool]]:
         """Score MDM requests grouped by guidance scale; greedy checks only where asked."""
