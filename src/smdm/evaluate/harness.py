@@ -211,7 +211,7 @@ class SmdmLM(TemplateLM):
         cut = len(continuation) - limit
         return list(context) + list(continuation[:cut]), list(continuation[cut:])
 
-    def _mdm_scores(self, pairs: list, tasks: list[str | None]) -> list[tuple[float, bool]]:
+    def _mdm_scores(self, pairs: list, tasks: list[str | None], greedy_check: bool = True) -> list[tuple[float, bool]]:
         """Score MDM requests grouped by guidance scale; greedy checks only where asked."""
         scores = [0.0] * len(pairs)
         greedy = [False] * len(pairs)
@@ -228,7 +228,7 @@ class SmdmLM(TemplateLM):
                 )
             for i, value in zip(group, values):
                 scores[i] = value
-            checked = [i for i in group if self._wants_greedy(tasks[i])]
+            checked = [i for i in group if greedy_check and self._wants_greedy(tasks[i])]
             if checked:
                 flags = mdm_greedy_check(self.model, [pairs[i] for i in checked], batch_size=self.batch_size,
                                          cfg=scale)
@@ -260,7 +260,8 @@ class SmdmLM(TemplateLM):
             (text,) = request.args
             windows = self.rolling_windows(text)
             if self.is_mdm:
-                values = [score for score, _ in self._mdm_scores(windows, [request.task_name] * len(windows))]
+                tasks = [request.task_name] * len(windows)
+                values = [score for score, _ in self._mdm_scores(windows, tasks, greedy_check=False)]
             else:
                 values = [score for score, _ in arm_loglikelihood(self.model, windows, batch_size=self.batch_size)]
             total = float(sum(values))

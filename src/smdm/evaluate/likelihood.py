@@ -4,10 +4,10 @@ Shape legend: R requests, N rows (one canvas per Monte Carlo draw or per
 chain-rule step), L canvas length, V vocabulary, M selected positions.
 
 A request is a pair (context ids, continuation ids). Every estimator here
-scores many requests at once: their rows are sorted by length, padded on the
-right and run in batches of `batch_size` canvases, and the result is the same
-as scoring each request alone with the same seed (the random draws of a
-request are keyed by its tokens, not by its place in the batch).
+scores many requests at once. Their rows are sorted by length, padded on the
+right and run in batches of `batch_size` canvases. The result equals scoring
+each request alone with the same seed, because the random draws of a request
+are keyed by its tokens, not by its place in the batch.
 
 MDM estimators follow "Scaling up Masked Diffusion Models on Text" (Nie et
 al., arXiv 2410.18514) with the linear schedule alpha_t = 1 - t:
@@ -211,18 +211,20 @@ def mdm_mc_loglikelihood(
     """Estimate a lower bound on log p(continuation | context) for each request with mc_samples draws.
 
     Implements the Monte Carlo ELBO of the module docstring (Nie et al.,
-    arXiv 2410.18514, likelihood evaluation of masked diffusion models):
-    only the continuation is masked, the prompt never is, and the result is
-    the average over draws of the weighted sum of log-probabilities of the
-    masked continuation tokens, summed over tokens (not averaged).
+    arXiv 2410.18514, likelihood evaluation of masked diffusion models).
+    Only the continuation is masked, never the prompt. The result is the
+    average over draws of the weighted sum of the log-probabilities of the
+    masked continuation tokens, so it is summed over tokens, not averaged.
 
     scheme: "stratified" (default, lower variance) or "reference".
     mc_batch: draws per stratified mini-batch of the "reference" scheme (the
     paper's b); the "stratified" scheme stratifies over all draws.
     batch_size: canvases per forward pass, across requests.
-    share_draws: key the draws by (seed, context, continuation length), so
-    answer choices of the same length share their masks and their
-    differences have less noise. Otherwise keyed by the whole request.
+    share_draws: key the draws by (seed, context) only, so the answer choices
+    of one question share their random numbers: the same stratification
+    offset (hence the same masked fraction per draw) and, for answers of
+    equal length, the same masked positions. Their differences, which decide
+    the accuracy, then have less noise. Otherwise keyed by the whole request.
     cfg: guidance scale w (0 = none); each draw then costs two forward rows.
     """
     _check_mdm(model, "the Monte Carlo ELBO")
@@ -233,7 +235,7 @@ def mdm_mc_loglikelihood(
     for index, (context, continuation) in enumerate(requests):
         context, continuation = truncate_request(context, continuation, block)
         c, n = len(context), len(continuation)
-        key = (context, n) if share_draws else (context, continuation)
+        key = (context,) if share_draws else (context, continuation)
         rng = torch.Generator().manual_seed(derived_seed(seed, scheme, mc_batch, _fingerprint(*key)))
         tokens = context + continuation
         for positions, weight in _mask_draws(scheme, n, mc_samples, mc_batch, rng):

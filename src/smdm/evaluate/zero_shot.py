@@ -56,9 +56,8 @@ def run_tasks(
 def text_perplexity(lm, text: str) -> dict[str, Any]:
     """Score a whole text with lm-eval's rolling windows; return nats per token and perplexity.
 
-    For an MDM the value is the Monte Carlo ELBO, so "perplexity" is an
-    estimate of an upper bound on the perplexity ("bound": True); for an ARM
-    it is exact.
+    For an MDM the value is the Monte Carlo ELBO, so "perplexity" estimates
+    an upper bound on the perplexity and "bound" is True. For an ARM it is exact.
     """
     n_tokens = len(lm.tok_encode(text))
     if n_tokens == 0:
