@@ -77,3 +77,24 @@ def test_zero_scale_scoring_bit_identical():
     plain = mdm_mc_loglikelihood(model, requests, mc_samples=8, seed=3)
     assert mdm_mc_loglikelihood(model, requests, mc_samples=8, seed=3, cfg=0.0) == plain
     assert mdm_mc_loglikelihood(model, requests, mc_samples=8, seed=3, cfg=0.5) != plain
+
+
+def test_guided_greedy_check_matches_manual():
+    from smdm.evaluate.likelihood import mdm_greedy_check
+
+    model = tiny_model("mdm", vocab_size=19, block_size=16, seed=4).to(DEVICE)
+    context, n, w = [1, 2, 3], 3, 1.2
+    mask = model.config.mask_id
+    canvas = torch.tensor(context + [mask] * n)
+    for _ in range(n):
+        uncond = canvas.clone()
+        uncond[: len(context)] = mask
+        with torch.no_grad():
+            logits = cfg_logits(model(canvas[None])[0], model(uncond[None])[0], w)
+        confidence, proposal = logits.softmax(-1).max(-1)
+        position = torch.where(canvas == mask, confidence, torch.tensor(-1.0)).argmax()
+        canvas[position] = proposal[position]
+    guided = canvas[len(context) :].tolist()
+    assert mdm_greedy_check(model, [(context, guided)], cfg=w) == [True]
+    wrong = [(guided[0] + 1) % 19] + guided[1:]
+    assert mdm_greedy_check(model, [(context, wrong)], cfg=w) == [False]

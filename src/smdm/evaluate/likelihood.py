@@ -295,18 +295,22 @@ def mdm_greedy_check(
         attn_mask = None if bool((lengths == width).all()) else _key_padding_mask(lengths, width)
         canvas = targets.masked_fill(todo, mask_id)
         while todo.any():
-            active = todo.any(dim=1)  # (B,) rows with masked positions left
-            logits = model(canvas[active], attn_mask=None if attn_mask is None else attn_mask[active]).float()
+            active = torch.nonzero(todo.any(dim=1)).flatten()  # (B',) rows with masked positions left
+            row_mask = None if attn_mask is None else attn_mask[active]
+            still = todo[active]  # (B', L)
+            # The output head runs only at the masked positions, which keeps large vocabularies cheap.
+            logits = model.lm_head(model(canvas[active], attn_mask=row_mask, return_hidden=True)[still]).float()
             if cfg != 0:
                 uncond = unconditional_canvas(canvas[active], prompt[active], mask_id)
-                uncond_logits = model(uncond, attn_mask=None if attn_mask is None else attn_mask[active]).float()
-                logits = cfg_logits(logits, uncond_logits, cfg)
-            confidence, proposal = logits.softmax(dim=-1).max(dim=-1)  # (B', L) each
-            confidence = confidence.masked_fill(~todo[active], -1.0)
+                uncond_hidden = model(uncond, attn_mask=row_mask, return_hidden=True)[still]
+                logits = cfg_logits(logits, model.lm_head(uncond_hidden).float(), cfg)  # (M, V)
+            top_prob, top_token = logits.softmax(dim=-1).max(dim=-1)  # (M,) each
+            confidence = torch.full(still.shape, -1.0, device=device).masked_scatter(still, top_prob)  # (B', L)
+            proposal = torch.zeros(still.shape, dtype=torch.long, device=device).masked_scatter(still, top_token)
             best = confidence.argmax(dim=1)  # (B',) one position per row
-            rows = torch.nonzero(active).flatten()
-            canvas[rows, best] = proposal[torch.arange(len(rows), device=device), best]
-            todo[rows, best] = False
+            picked = torch.arange(len(active), device=device)
+            canvas[active, best] = proposal[picked, best]
+            todo[active, best] = False
         for j, i in enumerate(batch):
             result[i] = bool((canvas[j] == targets[j]).all())
     return result
@@ -342,12 +346,13 @@ def arm_loglikelihood(
         for j, i in enumerate(batch):
             inputs[j, : len(prepared[i]) - 1] = torch.tensor(prepared[i][:-1])
         # Right padding needs no attention mask: causal attention never lets a real token see a pad.
-        logprobs = F.log_softmax(model(inputs.to(device)).float(), dim=-1).double().cpu()  # (B, L, V)
+        hidden = model(inputs.to(device), return_hidden=True)  # (B, L, D)
         for j, i in enumerate(batch):
             n = len(requests[i][1])
             end = len(prepared[i]) - 1
             target = torch.tensor(prepared[i][-n:])
-            window = logprobs[j, end - n : end]  # (n, V) predictions of the continuation
+            # The head runs only where the continuation is predicted: (n, V) log-probabilities.
+            window = F.log_softmax(model.lm_head(hidden[j, end - n : end]).double(), dim=-1).cpu()
             score = window.gather(-1, target[:, None]).sum().item()
             result[i] = (score, bool((window.argmax(dim=-1) == target).all()))
     return result
