@@ -131,7 +131,7 @@ def accuracy_table(args) -> dict:
     settings = []
     if args.arm:
         settings.append(("ARM", dict(checkpoint=args.arm)))
-    for w in [0.0, *args.cfg]:
+    for w in [] if args.skip_mdm_table else [0.0, *args.cfg]:
         settings.append((f"MDM w={w:g}", dict(checkpoint=args.mdm, cfg=w, mc_samples=args.table_mc_samples)))
     table = {}
     for label, model_args in settings:
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-table", action="store_true")
+    parser.add_argument("--skip-variance", action="store_true")
+    parser.add_argument("--skip-mdm-table", action="store_true", help="table rows of the ARM only")
     parser.add_argument("--out", default=None, help="JSON file for the results")
     args = parser.parse_args()
     args.ks = [int(k) for k in args.ks.split(",")]
@@ -173,8 +175,9 @@ def main() -> None:
     report = {"machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "args": {k: v for k, v in vars(args).items()}}
-    lm = SmdmLM(checkpoint=args.mdm, device="cpu", batch_size=args.batch_size)
-    report["variance"] = variance_study(lm, args)
+    if not args.skip_variance:
+        lm = SmdmLM(checkpoint=args.mdm, device="cpu", batch_size=args.batch_size)
+        report["variance"] = variance_study(lm, args)
     if not args.skip_table:
         report["table"] = accuracy_table(args)
     if args.out:
