@@ -124,7 +124,11 @@ def test_greedy_check_matches_explicit_unmasking(mdm):
     assert flags == [True, False, True]
 
 
-def test_batched_equals_one_at_a_time(mdm):
+def test_batched_equals_one_at_a_time(mdm, arm):
+    batched_arm = arm_loglikelihood(arm, REQUESTS, batch_size=3)
+    single_arm = [arm_loglikelihood(arm, [r])[0] for r in REQUESTS]
+    assert [score for score, _ in batched_arm] == pytest.approx([score for score, _ in single_arm], abs=1e-4)
+    assert [greedy for _, greedy in batched_arm] == [greedy for _, greedy in single_arm]
     batched = mdm_mc_loglikelihood(mdm, REQUESTS, mc_samples=12, batch_size=7, seed=5)
     single = [mdm_mc_loglikelihood(mdm, [r], mc_samples=12, batch_size=3, seed=5)[0] for r in REQUESTS]
     assert batched == pytest.approx(single, abs=1e-4)
