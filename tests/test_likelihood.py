@@ -53,7 +53,7 @@ def arm():
 REQUESTS = [([1, 5, 7], [2, 9, 4]), ([3], [8, 8, 1, 6]), ([4, 4, 2, 11, 0], [13]), ([6, 2], [5, 1])]
 
 
-@pytest.mark.parametrize("scheme", ["stratified", "reference"])
+@pytest.mark.parametrize("scheme", ["stratified", "reference", "balanced"])
 def test_mc_elbo_converges_to_enumeration(mdm, scheme):
     for context, continuation in REQUESTS[:2]:
         exact = exact_elbo(mdm, context, continuation)

@@ -45,7 +45,11 @@ Request = tuple[Sequence[int], Sequence[int]]
 # over all K draws, m_k = 1 + floor(n ((u + k / K) mod 1)), the m positions are
 # a uniform random subset and the weight is n / m. Both have the same
 # expectation (the ELBO above); the second never weighs a draw by more than n.
-MC_SCHEMES = ("stratified", "reference")
+# "balanced": stratified counts, and the masked positions of successive draws are
+# consecutive windows of one random permutation of the n positions, wrapping
+# around, so every position is masked about equally often. Each window of a
+# uniform permutation is a uniform subset, so the expectation is unchanged.
+MC_SCHEMES = ("stratified", "reference", "balanced")
 
 
 def _fingerprint(*parts: Sequence[int] | int | str) -> str:
@@ -185,12 +189,18 @@ def _mask_draws(
                 positions = torch.nonzero(row < t).flatten().tolist()
                 # A draw that masks nothing adds 0 to the sum; t = 0 masks nothing, so 1 / t never meets a token.
                 yield positions, (1.0 / t if positions else 0.0)
-    elif scheme == "stratified":
+    elif scheme in ("stratified", "balanced"):
         u = torch.rand((), generator=generator, dtype=torch.float64)
         levels = (u + torch.arange(mc_samples, dtype=torch.float64) / mc_samples) % 1.0  # (K,)
         counts = (levels * n).floor().long().clamp(max=n - 1) + 1  # (K,) each m in 1..n about K / n times
+        circle = torch.randperm(n, generator=generator).tolist() * 2  # windows of length <= n never run off
+        offset = 0
         for m in counts.tolist():
-            positions = torch.randperm(n, generator=generator)[:m].sort().values.tolist()
+            if scheme == "balanced":
+                positions = sorted(circle[offset : offset + m])
+                offset = (offset + m) % n
+            else:
+                positions = torch.randperm(n, generator=generator)[:m].sort().values.tolist()
             yield positions, n / m
     else:
         raise ValueError(f"unknown Monte Carlo scheme {scheme!r}; choose one of {MC_SCHEMES}")
