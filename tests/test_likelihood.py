@@ -191,3 +191,18 @@ def test_long_context_truncated_from_left(mdm):
     assert mdm_chain_rule_loglikelihood(mdm, [(long_context, continuation)]) == pytest.approx(
         mdm_chain_rule_loglikelihood(mdm, [(kept, continuation)]), abs=1e-6
     )
+
+
+def test_balanced_draws_cover_positions_evenly():
+    from smdm.evaluate.likelihood import _mask_draws
+
+    draws = list(_mask_draws("balanced", 4, 40, 32, torch.Generator().manual_seed(0)))
+    sizes = [len(positions) for positions, _ in draws]
+    # Stratified counts: each m in 1..4 appears K / n = 10 times, with weight n / m.
+    assert sorted(sizes) == sorted([1, 2, 3, 4] * 10)
+    assert all(weight == pytest.approx(4 / len(positions)) for positions, weight in draws)
+    counts = torch.zeros(4)
+    for positions, _ in draws:
+        counts[positions] += 1
+    # 100 masked slots tile the permuted positions 25 times over.
+    assert counts.tolist() == [25.0] * 4

@@ -169,8 +169,9 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
                        help="guidance scale w of the MDM: a number, or per task as hellaswag:0.8;piqa:1.2;0.5")
     tasks.add_argument("--likelihood", choices=("mc", "chain"), default="mc",
                        help="MDM scoring: Monte Carlo ELBO or chain rule (one forward per continuation token)")
-    tasks.add_argument("--mc-scheme", choices=("stratified", "reference"), default="stratified",
-                       help="Monte Carlo draws: stratified mask counts, or the paper's per-mini-batch stratified times")
+    tasks.add_argument("--mc-scheme", choices=("balanced", "stratified", "reference"), default="balanced",
+                       help="Monte Carlo draws: stratified mask counts with positions spread evenly (balanced) or at "
+                            "random (stratified), or the paper's per-mini-batch stratified times (reference)")
     tasks.add_argument("--benchmark-dir", default=None,
                        help="folder with the benchmark files (default: $SMDM_BENCHMARK_DATA)")
     tasks.add_argument("--task-file", action="append", default=[], metavar="TASK=FILE",

@@ -92,7 +92,7 @@ class SmdmLM(TemplateLM):
         max_batch_size: int | None = None,
         likelihood: str = "mc",
         mc_samples: int = 128,
-        mc_scheme: str = "stratified",
+        mc_scheme: str = "balanced",
         mc_batch: int = 32,
         share_draws: bool = True,
         cfg: float | str = 0.0,

@@ -24,7 +24,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     lm = SmdmLM(
         checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
         likelihood=getattr(args, "likelihood", "mc"), mc_samples=args.mc_samples or (128 if args.tasks else 16),
-        mc_scheme=getattr(args, "mc_scheme", "stratified"), cfg=args.cfg, seed=args.seed,
+        mc_scheme=getattr(args, "mc_scheme", "balanced"), cfg=args.cfg, seed=args.seed,
     )
     if args.text:
         result = text_perplexity(lm, read_text(args.text))
