@@ -1,10 +1,10 @@
 """Unsupervised classifier-free guidance for masked diffusion models.
 
 Source: "Scaling up Masked Diffusion Models on Text" (Nie et al., arXiv
-2410.18514), unsupervised classifier-free guidance. The conditional pass sees
-the canvas with the real prompt; the unconditional pass sees the same canvas
-(same length, same positions) with every prompt position replaced by the mask
-id. A pretrained MDM already models fully masked prompts, so no fine-tuning
+2410.18514), unsupervised classifier-free guidance. The conditional pass runs
+on the canvas with the real prompt. The unconditional pass runs on the same
+canvas (same length, same positions) with every prompt position replaced by
+the mask id. A pretrained MDM already models fully masked prompts, so no fine-tuning
 with prompt dropout is needed. The guided logits are
 
     l = l_u + (w + 1) (l_c - l_u),

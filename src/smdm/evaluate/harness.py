@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 
 LIKELIHOOD_METHODS = ("mc", "chain")
 GREEDY_MODES = ("auto", "always", "never")
-# Tasks whose metrics read the greedy flag of loglikelihood; "auto" computes it only for them,
-# because the MDM's greedy check costs one forward pass per continuation token.
+# Tasks whose metrics read the greedy flag of loglikelihood. The MDM's greedy check costs one
+# forward pass per continuation token, so greedy="auto" runs it only for these tasks.
 GREEDY_TASK_PREFIXES = ("lambada",)
 
 

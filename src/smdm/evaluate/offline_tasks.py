@@ -89,7 +89,7 @@ def _dataset(task: str, docs: list[dict]) -> dict:
     import datasets
 
     if not docs:
-        raise ValueError(f"task {task!r}: the data file holds no documents")
+        raise ValueError(f"task {task!r}: the data file contains no documents; check the file passed for it")
     return {TASK_FILES[task][0]: datasets.Dataset.from_list(docs)}
 
 
