@@ -172,18 +172,50 @@ def run_sample(args: argparse.Namespace) -> int:
 # evaluate
 def add_evaluate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
-    parser.add_argument("--data", required=True, help="prepared data folder with the same tokenizer")
+    mode = parser.add_argument_group("what to evaluate (give exactly one)")
+    mode.add_argument("--data", default=None, help="prepared data folder with the same tokenizer: validation loss")
+    mode.add_argument("--tasks", default=None,
+                      help="comma-separated zero-shot tasks run through lm-eval, e.g. hellaswag,piqa,lambada_standard")
+    mode.add_argument("--text", default=None, help="a UTF-8 text file: its perplexity (an upper bound for an MDM)")
     parser.add_argument("--split", choices=("train", "val"), default="val")
     parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the training seq_len)")
     parser.add_argument("--max-sequences", type=int, default=256, help="windows to score, evenly spread")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--mc-samples", type=int, default=16, help="Monte Carlo draws per window (MDM)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences or canvases per forward pass")
+    parser.add_argument("--mc-samples", type=int, default=None,
+                        help="Monte Carlo draws per window or per answer (MDM; default 16 for --data and --text, "
+                             "128 for --tasks)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
+    tasks = parser.add_argument_group("zero-shot tasks (--tasks)")
+    tasks.add_argument("--limit", type=float, default=None,
+                       help="documents per task (an integer), or a fraction of each task below 1")
+    tasks.add_argument("--cfg", default="0",
+                       help="guidance scale w of the MDM: a number, or per task as hellaswag:0.8;piqa:1.2;0.5")
+    tasks.add_argument("--likelihood", choices=("mc", "chain"), default="mc",
+                       help="MDM scoring: Monte Carlo ELBO or chain rule (one forward per continuation token)")
+    tasks.add_argument("--mc-scheme", choices=("balanced", "stratified", "reference"), default="balanced",
+                       help="Monte Carlo draws: stratified mask counts with positions spread evenly (balanced) or at "
+                            "random (stratified), or the paper's per-mini-batch stratified times (reference)")
+    tasks.add_argument("--benchmark-dir", default=None,
+                       help="folder with the benchmark files (default: $SMDM_BENCHMARK_DATA)")
+    tasks.add_argument("--task-file", action="append", default=[], metavar="TASK=FILE",
+                       help="data file of one task, e.g. race=race_test.jsonl; repeat for several")
+    tasks.add_argument("--output", default=None, help="write lm-eval's full result JSON to this file")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    modes = [name for name in ("data", "tasks", "text") if getattr(args, name)]
+    if len(modes) != 1:
+        raise ValueError(f"give exactly one of --data, --tasks and --text (got {', '.join(modes) or 'none'})")
+    if args.tasks or args.text:
+        from smdm.evaluate.zero_shot_cli import run_zero_shot
+
+        return run_zero_shot(args)
+    return run_validation(args)
+
+
+def run_validation(args: argparse.Namespace) -> int:
     from smdm.checkpoint import load_model
     from smdm.data.shards import TokenData
     from smdm.evaluate.validation import validation_loss
@@ -199,7 +231,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         )
     seq_len = args.seq_len or checkpoint.train_config.get("seq_len") or model.config.block_size
     result = validation_loss(model, data.split(args.split), seq_len, max_sequences=args.max_sequences,
-                             batch_size=args.batch_size, mc_samples=args.mc_samples, seed=args.seed,
+                             batch_size=args.batch_size, mc_samples=args.mc_samples or 16, seed=args.seed,
                              precision=resolve_precision(args.precision, device))
     result.update(checkpoint=str(checkpoint.folder), split=args.split, seq_len=seq_len)
     print(json.dumps(result, indent=2))
@@ -251,7 +283,8 @@ VERBS: list[Verb] = [
     ("prepare", "tokenize a corpus into train/validation shards", add_prepare, run_prepare),
     ("train", "train an MDM or an ARM on prepared data", add_train, run_train),
     ("sample", "generate text from a checkpoint", add_sample, run_sample),
-    ("evaluate", "validation loss of a checkpoint on prepared data", add_evaluate, run_evaluate),
+    ("evaluate", "validation loss, zero-shot tasks (lm-eval) or text perplexity of a checkpoint", add_evaluate,
+     run_evaluate),
     ("quickstart", "prepare the default corpus, train an MDM and an ARM, compare and sample", add_quickstart,
      run_quickstart),
     ("sizes", "list the model sizes", None, run_sizes),
