@@ -70,7 +70,7 @@ def non_embedding_params(n_layer: int, n_embd: int, intermediate_size: int) -> i
     """Count the non-embedding parameters of one backbone.
 
     Per layer: q, k, v and output projections (4 d^2), the SwiGLU MLP (3 d f)
-    and two RMSNorm weights (2 d); plus the final RMSNorm (d). The token
+    and two RMSNorm weights (2 d). The final RMSNorm adds d. The token
     embedding and the output head are excluded.
     """
     d, f = n_embd, intermediate_size

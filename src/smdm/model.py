@@ -4,8 +4,8 @@ Shape legend: B batch, T query length, S key length (cache included), D width,
 H heads, K head size, V vocabulary, L layers.
 
 The two kinds differ only in attention: an MDM attends bidirectionally and has
-one extra input-embedding row for the mask id (`vocab_size`); its output head
-keeps `vocab_size` columns so the mask can never be predicted. An ARM attends
+one extra input-embedding row for the mask id (`vocab_size`). Its output head
+keeps `vocab_size` columns, so the mask can never be predicted. An ARM attends
 causally and decodes with a preallocated key/value cache.
 """
 
@@ -56,7 +56,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Preallocated keys and values of every layer for incremental decoding.
 
-    `length` is the number of positions already written; a forward pass with a
+    `length` is the number of positions already written. A forward pass with a
     cache writes its T new positions at [length, length + T) of every layer and
     the caller advances `length` afterwards.
     """
