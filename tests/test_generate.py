@@ -151,7 +151,9 @@ def test_infilling_reads_the_suffix(mdm):
 def test_guidance_combines_both_passes(mdm):
     config = SampleConfig(max_new_tokens=4, steps=4, cfg=0.8)
     canvas = build_canvas([[5, 6, 7]], 4, mdm.config.mask_id, 0, DEVICE)
-    logits = _Denoiser(mdm, canvas, config)(canvas.tokens, 3, 7, first=True)
+    denoise = _Denoiser(mdm, canvas, config)
+    hidden = denoise(canvas.tokens, 3, 7, first=True)
+    logits = denoise.logits_at(hidden, torch.ones(1, 4, dtype=torch.bool)).view(1, 4, -1)
     unconditional_canvas = canvas.tokens.clone()
     unconditional_canvas[:, :3] = mdm.config.mask_id
     with torch.no_grad():

@@ -249,22 +249,28 @@ class _Denoiser:
             return tokens
         return torch.cat([tokens, tokens.masked_fill(self.given, self.mask_id)])  # (2B, L)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.model.lm_head(hidden).float()  # (B or 2B, W, V)
+    def logits_at(self, hidden: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
+        """Return float32 logits (N, V) at the N selected block positions (B, W), in row-major order.
+
+        Only positions that can be revealed go through the output head, which is
+        as wide as the vocabulary and costs about as much as the whole backbone.
+        """
         if not self.guided:
-            return logits
-        conditional, unconditional = logits.chunk(2)
+            return self.model.lm_head(hidden[select]).float()
+        B = select.size(0)
+        conditional = self.model.lm_head(hidden[:B][select]).float()
+        unconditional = self.model.lm_head(hidden[B:][select]).float()
         return guided_logits(conditional, unconditional, self.config.cfg)
 
     def __call__(self, tokens: torch.Tensor, lo: int, hi: int, first: bool) -> torch.Tensor:
-        """Return the logits (B, W, V) of block columns [lo, hi) for the canvas tokens (B, L)."""
+        """Return the final hidden states (B or 2B, W, D) of block columns [lo, hi) for the canvas tokens (B, L)."""
         x = self._expand(tokens)
         padded = not bool(self.real.all())
         L = x.size(1)
         if self.mode == "none":
             mask = self.real[:, None, None, :] if padded else None
             hidden = self.model(x, positions=self.positions, attn_mask=mask, return_hidden=True)
-            return self._logits(hidden[:, lo:hi])
+            return hidden[:, lo:hi]
         order = torch.arange(L, device=x.device)
         if self.mode == "dual":
             order = torch.cat([order[:lo], order[hi:], order[lo:hi]])
@@ -274,13 +280,12 @@ class _Denoiser:
             cache.length = 0
             hidden = self.model(x[:, order], positions=self.positions[:, order], attn_mask=mask, cache=cache,
                                 return_hidden=True)
-            block = slice(L - (hi - lo), L) if self.mode == "dual" else slice(lo, hi)
-            return self._logits(hidden[:, block])
+            return hidden[:, L - (hi - lo) :] if self.mode == "dual" else hidden[:, lo:hi]
         cache.length = L - (hi - lo) if self.mode == "dual" else lo
         columns = order[cache.length :]
         hidden = self.model(x[:, columns], positions=self.positions[:, columns], attn_mask=mask, cache=cache,
                             return_hidden=True)
-        return self._logits(hidden[:, : hi - lo])
+        return hidden[:, : hi - lo]
 
 
 def reveal_counts(masked_at_start: torch.Tensor, masked_now: torch.Tensor, step: int, steps: int) -> torch.Tensor:
@@ -294,23 +299,20 @@ def reveal_counts(masked_at_start: torch.Tensor, masked_now: torch.Tensor, step:
 
 
 def _sample_rows(
-    logits: torch.Tensor, select: torch.Tensor, temperature: float, gens: list[torch.Generator]
+    logits: torch.Tensor, per_row: torch.Tensor, temperature: float, gens: list[torch.Generator]
 ) -> torch.Tensor:
-    """Draw tokens (B, W) from logits (B, W, V) at the selected positions; other positions get the argmax."""
-    tokens = logits.argmax(dim=-1)  # (B, W)
+    """Draw one token per row of logits (N, V), where consecutive rows belong to batch rows with per_row (B,) counts."""
     if temperature == 0:
-        return tokens
-    for i, gen in enumerate(gens):
-        where = select[i].nonzero().squeeze(-1)
-        if where.numel():
-            tokens[i, where] = gumbel_max(logits[i, where], temperature, gen)
-    return tokens
+        return logits.argmax(dim=-1)
+    chunks = logits.split(per_row.tolist())
+    return torch.cat([gumbel_max(chunk, temperature, gen) for chunk, gen in zip(chunks, gens)])
 
 
-def _confidence(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Probability (B, W) of each chosen token under softmax(l), the ranking score of LLaDA's low-confidence rule."""
-    chosen = logits.gather(-1, tokens[..., None]).squeeze(-1)
-    return torch.exp(chosen - torch.logsumexp(logits, dim=-1))
+def _scatter(select: torch.Tensor, values: torch.Tensor, fill: float | int) -> torch.Tensor:
+    """Place values (N,) at the selected positions of a (B, W) tensor filled with `fill`."""
+    out = torch.full(select.shape, fill, dtype=values.dtype, device=values.device)
+    out[select] = values
+    return out
 
 
 def _top_per_row(score: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -322,35 +324,53 @@ def _top_per_row(score: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor
     return masked & (ranks < counts[:, None])
 
 
-def _choose_reveals(
-    logits: torch.Tensor,
+def _denoise_step(
+    denoise: _Denoiser,
+    tokens: torch.Tensor,
+    block: tuple[int, int, int],
     masked: torch.Tensor,
     masked_at_start: torch.Tensor,
     step: int,
     steps: int,
     config: SampleConfig,
     gens: list[torch.Generator],
+    eos_id: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick which masked block positions (B, W) to reveal at this step and the tokens (B, W) to write there."""
+    """Run one step on block (index, lo, hi); return which positions (B, W) to reveal and their tokens (B, W)."""
+    index, lo, hi = block
+    hidden = denoise(tokens, lo, hi, first=step == 0)  # (B or 2B, W, D)
+
     if config.sampler == "random":
         # Reverse process of the linear schedule: from t to s a masked token is revealed with
-        # probability (t - s) / t = 1 / (steps - step); only revealed positions need a token.
+        # probability (t - s) / t = 1 / (steps - step). Only revealed positions need a token.
         # A row without masked tokens draws nothing, as it would not run this step on its own.
         prob = 1.0 / (steps - step)
         draws = torch.ones(masked.shape, dtype=torch.float64, device=masked.device)  # (B, W)
         for i, gen in enumerate(gens):
             if masked[i].any():
                 draws[i] = torch.rand(masked.size(1), generator=gen, dtype=torch.float64, device=gen.device)
-        reveal = masked & (draws < prob)
-        return reveal, _sample_rows(logits, reveal, config.temperature, gens)
+        select = masked & (draws < prob)
+    else:
+        select = masked
 
-    tokens = _sample_rows(logits, masked, config.temperature, gens)
-    confidence = _confidence(logits, tokens)  # (B, W)
+    logits = denoise.logits_at(hidden, select)  # (N, V)
+    W = hi - lo
+    if eos_id is not None and config.min_new_tokens > index * W:
+        column = select.nonzero()[:, 1] + index * W  # (N,) index of each position among the new tokens
+        logits[column < config.min_new_tokens, eos_id] = float("-inf")
+    sampled = _sample_rows(logits, select.sum(dim=1), config.temperature, gens)  # (N,)
+    proposal = _scatter(select, sampled, 0)  # (B, W)
+    if config.sampler == "random":
+        return select, proposal
+
+    # Confidence is the chosen token's probability under softmax(l), as in LLaDA's low-confidence rule.
+    confidence = torch.exp(logits.gather(-1, sampled[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1))
+    confidence = _scatter(select, confidence, float("-inf"))  # (B, W)
     counts = reveal_counts(masked_at_start, masked.sum(dim=1), step, steps)  # (B,)
     if config.sampler == "threshold":
         confident = (masked & (confidence > config.threshold)).sum(dim=1)
         counts = torch.maximum(counts, confident).clamp_min(1)
-    return _top_per_row(confidence, masked, counts), tokens
+    return _top_per_row(confidence, masked, counts), proposal
 
 
 @torch.no_grad()
@@ -408,11 +428,8 @@ def mdm_sample(
             masked = tokens[:, lo:hi] == mask_id  # (B, W) True where still masked
             if not masked.any():
                 break
-            logits = denoise(tokens, lo, hi, first=step == 0)  # (B, W, V)
-            if eos_id is not None and config.min_new_tokens > block * W:
-                early = torch.arange(block * W, (block + 1) * W, device=device) < config.min_new_tokens
-                logits[:, early, eos_id] = float("-inf")
-            reveal, proposal = _choose_reveals(logits, masked, masked_at_start, step, steps, config, gens)
+            reveal, proposal = _denoise_step(denoise, tokens, (block, lo, hi), masked, masked_at_start, step, steps,
+                                             config, gens, eos_id)
             tokens[:, lo:hi] = torch.where(reveal, proposal, tokens[:, lo:hi])
             if trace is not None:
                 trace.append(reveal.sum(dim=1).cpu())
