@@ -16,10 +16,9 @@ at the same column; infill suffixes follow the masked region and are
 right-padded. Each row gets its own RoPE positions (0 at its first real token)
 and an attention mask that hides pad columns, so a row computes what it would
 compute alone. Pad columns hold a real token id, never the mask id. Every row
-draws its noise from its own generator, so with the same row seed a row gets
-the same tokens alone or in any batch, up to float rounding of the batched
-matmuls (exactly the same tokens at temperature 0 unless two logits tie to
-within rounding).
+draws its noise from its own generator. With the same row seed, a row therefore
+gets the same tokens alone or in any batch, up to float rounding of the batched
+matmuls: the tokens differ only where two logits tie to within that rounding.
 """
 
 from __future__ import annotations
@@ -139,7 +138,7 @@ class Canvas:
     tokens: torch.Tensor  # (B, L) token ids; pad columns hold pad_id
     positions: torch.Tensor  # (B, L) RoPE position of each column; 0 on pads
     real: torch.Tensor  # (B, L) bool, False on pad columns
-    given: torch.Tensor  # (B, L) bool, True on prompt and suffix tokens (the condition)
+    condition: torch.Tensor  # (B, L) bool, True on prompt and suffix tokens
     start: int  # first column of the new tokens, the same for every row
 
     @property
@@ -175,7 +174,7 @@ def build_canvas(
     L = P + new_tokens + S
     tokens = torch.full((B, L), pad_id, dtype=torch.long)
     real = torch.zeros(B, L, dtype=torch.bool)
-    given = torch.zeros(B, L, dtype=torch.bool)
+    condition = torch.zeros(B, L, dtype=torch.bool)
     positions = torch.zeros(B, L, dtype=torch.long)
     for i, (prompt, suffix) in enumerate(zip(prompts, suffixes)):
         offset = P - len(prompt)
@@ -184,10 +183,10 @@ def build_canvas(
         tokens[i, P : P + new_tokens] = fill_id
         tokens[i, P + new_tokens : end] = torch.tensor(suffix, dtype=torch.long)
         real[i, offset:end] = True
-        given[i, offset:P] = True
-        given[i, P + new_tokens : end] = True
+        condition[i, offset:P] = True
+        condition[i, P + new_tokens : end] = True
         positions[i, offset:end] = torch.arange(end - offset)
-    return Canvas(tokens.to(device), positions.to(device), real.to(device), given.to(device), P)
+    return Canvas(tokens.to(device), positions.to(device), real.to(device), condition.to(device), P)
 
 
 def check_lengths(model: Transformer, prompts: list[list[int]], suffixes: list[list[int]] | None, new: int) -> None:
@@ -217,15 +216,15 @@ def row_generators(seeds: Sequence[int], base_seed: int, device: torch.device) -
 
 # MDM sampling.
 class _Denoiser:
-    """Runs the network on a canvas and returns logits of one block, with optional CFG and KV caching.
+    """Network passes over a canvas for one block: hidden states, then guided logits, with optional KV caching.
 
     Caching (approximate, as in Fast-dLLM): the first step of each block runs the
     whole canvas and stores keys and values. "prefix" then reruns only the block
-    and everything after it against the stored prefix; "dual" reruns only the
+    and everything after it against the stored prefix. "dual" reruns only the
     block against the stored prefix and suffix. For "dual" the canvas columns are
-    reordered to [prefix, suffix, block]: attention is bidirectional and positions
-    are explicit, so column order does not change the result, and the block lands
-    at the end of the cache, where the model's KVCache appends.
+    reordered to [prefix, suffix, block]. Attention is bidirectional and positions
+    are explicit, so column order does not change the result, and the block then
+    lands at the end of the cache, where the model's KVCache appends.
     """
 
     def __init__(self, model: Transformer, canvas: Canvas, config: SampleConfig) -> None:
@@ -236,7 +235,7 @@ class _Denoiser:
         self.mask_id = model.config.mask_id
         self.real = canvas.real
         self.positions = canvas.positions
-        self.given = canvas.given
+        self.condition = canvas.condition
         if self.guided:  # the unconditional half: same canvas, the condition replaced by the mask
             self.real = torch.cat([self.real, self.real])
             self.positions = torch.cat([self.positions, self.positions])
@@ -247,13 +246,13 @@ class _Denoiser:
     def _expand(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.guided:
             return tokens
-        return torch.cat([tokens, tokens.masked_fill(self.given, self.mask_id)])  # (2B, L)
+        return torch.cat([tokens, tokens.masked_fill(self.condition, self.mask_id)])  # (2B, L)
 
     def logits_at(self, hidden: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
         """Return float32 logits (N, V) at the N selected block positions (B, W), in row-major order.
 
-        Only positions that can be revealed go through the output head, which is
-        as wide as the vocabulary and costs about as much as the whole backbone.
+        Only positions that can be revealed go through the output head, because it
+        is as wide as the vocabulary and takes a large share of a small model's step.
         """
         if not self.guided:
             return self.model.lm_head(hidden[select]).float()
