@@ -253,3 +253,53 @@ def test_invalid_settings_are_rejected(mdm, arm):
         generate(mdm, [[1] * 60], SampleConfig(max_new_tokens=8))
     with pytest.raises(ValueError, match="MDM"):
         generate(arm, PROMPTS, SampleConfig(max_new_tokens=4), suffixes=[[1]] * 3)
+
+
+@pytest.fixture(scope="module")
+def text_checkpoint(tmp_path_factory):
+    """A tiny sharpened MDM with a small BPE, saved as a checkpoint folder."""
+    from smdm.checkpoint import save_checkpoint
+    from smdm.data.tokenizer import train_bpe
+
+    texts = ["To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer."] * 20
+    tokenizer = train_bpe(texts, vocab_size=300)
+    model = tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(4.0)
+    folder = tmp_path_factory.mktemp("ckpt") / "mdm"
+    save_checkpoint(folder, model, tokenizer)
+    return folder
+
+
+def test_sample_text_batch_matches_alone(text_checkpoint):
+    from smdm.sampling_api import sample_text
+
+    settings = dict(max_new_tokens=8, steps=8, temperature=0.0, sampler="low_confidence", stop_at_eos=False,
+                    device="cpu")
+    batched = sample_text(text_checkpoint, ["To be", "Whether 'tis nobler in"], **settings)
+    alone = sample_text(text_checkpoint, ["Whether 'tis nobler in"], **settings)
+    assert batched[1] == alone[0]
+    assert [prompt for prompt, _ in batched] == ["To be", "Whether 'tis nobler in"]
+
+
+def test_sample_cli_prints_every_sample(text_checkpoint, capsys):
+    from smdm.cli import main
+
+    code = main(["sample", "--checkpoint", str(text_checkpoint), "--prompt", "To be", "--prompt", "Whether",
+                 "--num-samples", "2", "--max-new-tokens", "8", "--steps", "4", "--block-length", "4",
+                 "--sampler", "threshold", "--cache", "dual", "--cfg", "0.5", "--suffix", " END", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert out.count("--- prompt: 'To be'") == 2
+    assert out.count("--- prompt: 'Whether'") == 2
+    assert out.count(" END\n") == 4
+
+
+def test_sample_cli_rejects_bad_block_length(text_checkpoint, capsys):
+    from smdm.cli import main
+
+    code = main(["sample", "--checkpoint", str(text_checkpoint), "--max-new-tokens", "10", "--block-length", "3"])
+    assert code == 2
+    assert "block_length=3" in capsys.readouterr().err
