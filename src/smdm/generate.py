@@ -118,8 +118,30 @@ def gumbel_max(logits: torch.Tensor, temperature: float, generator: torch.Genera
     if temperature == 0:
         return logits.argmax(dim=-1)
     uniform = torch.rand(logits.shape, generator=generator, dtype=torch.float64, device=generator.device)
+    return _gumbel_argmax(logits, temperature, uniform.to(logits.device))
+
+
+def _gumbel_argmax(logits: torch.Tensor, temperature: float, uniform: torch.Tensor) -> torch.Tensor:
     gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    return (logits.double() / temperature + gumbel.to(logits.device)).argmax(dim=-1)
+    return (logits.double() / temperature + gumbel).argmax(dim=-1)
+
+
+def gumbel_max_rows(
+    logits: torch.Tensor, per_row: Sequence[int], temperature: float, gens: Sequence[torch.Generator]
+) -> torch.Tensor:
+    """Run gumbel_max on consecutive chunks of logits (N, V), chunk i of per_row[i] rows with generator i.
+
+    The result equals one gumbel_max call per chunk; only the uniform draws are
+    made per chunk, and the float64 arithmetic runs once over all rows.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    V = logits.size(-1)
+    draws = [torch.rand((n, V), generator=gen, dtype=torch.float64, device=gen.device)
+             for n, gen in zip(per_row, gens) if n]
+    if not draws:
+        return logits.argmax(dim=-1)
+    return _gumbel_argmax(logits, temperature, torch.cat(draws).to(logits.device))
 
 
 def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
@@ -297,16 +319,6 @@ def reveal_counts(masked_at_start: torch.Tensor, masked_now: torch.Tensor, step:
     return (masked_now - allowed).clamp_min(0)
 
 
-def _sample_rows(
-    logits: torch.Tensor, per_row: torch.Tensor, temperature: float, gens: list[torch.Generator]
-) -> torch.Tensor:
-    """Draw one token per row of logits (N, V), where consecutive rows belong to batch rows with per_row (B,) counts."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    chunks = logits.split(per_row.tolist())
-    return torch.cat([gumbel_max(chunk, temperature, gen) for chunk, gen in zip(chunks, gens)])
-
-
 def _scatter(select: torch.Tensor, values: torch.Tensor, fill: float | int) -> torch.Tensor:
     """Place values (N,) at the selected positions of a (B, W) tensor filled with `fill`."""
     out = torch.full(select.shape, fill, dtype=values.dtype, device=values.device)
@@ -357,7 +369,7 @@ def _denoise_step(
     if eos_id is not None and config.min_new_tokens > index * W:
         column = select.nonzero()[:, 1] + index * W  # (N,) index of each position among the new tokens
         logits[column < config.min_new_tokens, eos_id] = float("-inf")
-    sampled = _sample_rows(logits, select.sum(dim=1), config.temperature, gens)  # (N,)
+    sampled = gumbel_max_rows(logits, select.sum(dim=1).tolist(), config.temperature, gens)  # (N,)
     proposal = _scatter(select, sampled, 0)  # (B, W)
     if config.sampler == "random":
         return select, proposal
@@ -496,8 +508,7 @@ def arm_sample(
         logits = logits.float()
         if eos_id is not None and i < config.min_new_tokens:
             logits[:, eos_id] = float("-inf")
-        token = torch.stack([gumbel_max(logits[r], config.temperature, gens[r]) for r in range(B)]) \
-            if config.temperature > 0 else logits.argmax(dim=-1)  # (B,)
+        token = gumbel_max_rows(logits, [1] * B, config.temperature, gens)  # (B,)
         if eos_id is not None:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
