@@ -41,10 +41,10 @@ ENTROPY_FLOOR = 0.9
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mdm", required=True, help="MDM checkpoint or run folder")
-    parser.add_argument("--arm", required=True, help="ARM checkpoint or run folder of the same size and compute")
-    parser.add_argument("--judge", required=True, help="larger ARM that scores the samples")
-    parser.add_argument("--data", required=True, help="prepared data folder (validation split gives the prompts)")
+    parser.add_argument("--mdm", help="MDM checkpoint or run folder")
+    parser.add_argument("--arm", help="ARM checkpoint or run folder of the same size and compute")
+    parser.add_argument("--judge", help="larger ARM that scores the samples")
+    parser.add_argument("--data", help="prepared data folder (validation split gives the prompts)")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -54,7 +54,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default="benchmarks/results/generation_frontier.json")
     parser.add_argument("--plot", default="docs/generation_frontier.png")
-    return parser.parse_args()
+    parser.add_argument("--replot", default=None, help="redraw the plot from a results JSON without measuring")
+    args = parser.parse_args()
+    missing = [f"--{name}" for name in ("mdm", "arm", "judge", "data") if getattr(args, name) is None]
+    if missing and not args.replot:
+        parser.error(f"missing {', '.join(missing)}; give all four, or --replot RESULTS_JSON")
+    return args
 
 
 # Hugging Face reference model.
@@ -239,21 +244,37 @@ def speed_at_arm_perplexity(points: list[dict], arm: dict, min_entropy: float) -
     return {"reachable": True, "mdm_tokens_per_s": speed, "ratio": speed / arm["tokens_per_s"]}
 
 
-def plot(points: list[dict], hf_points: list[dict], path: Path) -> None:
+def plot(points: list[dict], hf_points: list[dict], reference: dict, min_entropy: float, path: Path) -> None:
+    """Draw generative perplexity against tokens/s; hollow markers are samples below the entropy floor."""
+    import re
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 6))
     families: dict[str, list[dict]] = {}
     for p in points:
-        families.setdefault(p["name"].split("/")[0] if p["kind"] == "mdm" else p["name"], []).append(p)
-    for family, members in families.items():
+        family = re.sub(r"threshold[0-9.]+", "threshold", p["name"].split("/")[0]) if p["kind"] == "mdm" else p["name"]
+        families.setdefault(family, []).append(p)
+    colors = plt.get_cmap("tab20").colors
+    handles = []
+    for index, (family, members) in enumerate(families.items()):
         members = sorted(members, key=lambda p: p["tokens_per_s"])
-        marker = "*" if members[0]["kind"] == "arm" else "o"
-        ax.plot([p["tokens_per_s"] for p in members], [p["gen_ppl"] for p in members], marker=marker,
-                markersize=12 if marker == "*" else 5, label=family, linestyle="-" if len(members) > 1 else "none")
+        color = colors[index % len(colors)]
+        is_arm = members[0]["kind"] == "arm"
+        linestyle = "-" if len(members) > 1 else "none"
+        marker = "*" if is_arm else "o"
+        ax.plot([p["tokens_per_s"] for p in members], [p["gen_ppl"] for p in members], color=color, linestyle=linestyle)
+        handles.append(Line2D([], [], color=color, marker=marker, linestyle=linestyle, label=family))
+        for p in members:
+            degenerate = p["unigram_entropy"] < min_entropy
+            ax.plot(p["tokens_per_s"], p["gen_ppl"], marker=marker, markersize=14 if is_arm else 6,
+                    color=color, markerfacecolor="none" if degenerate else color)
+    ax.axhline(reference["gen_ppl"], color="black", linestyle="--", linewidth=1)
+    handles.append(Line2D([], [], color="black", linestyle="--", label="validation text (real continuations)"))
     for p in hf_points:
         ax.axvline(p["tokens_per_s"], color="grey", linestyle=":", linewidth=1)
         ax.text(p["tokens_per_s"], ax.get_ylim()[1], f" {p['name']}", rotation=90, va="top", fontsize=7, color="grey")
@@ -261,8 +282,9 @@ def plot(points: list[dict], hf_points: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("tokens/s (log)")
     ax.set_ylabel("generative perplexity under the judge ARM (log)")
-    ax.set_title("MDM samplers vs KV-cached ARM, equal size and compute")
-    ax.legend(fontsize=7, loc="best")
+    ax.set_title("MDM samplers vs ARM decoding, tiny-0.8M models of equal compute\n"
+                 "(temperature 1; hollow: unigram entropy below the floor, i.e. repetitive text)", fontsize=10)
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -270,6 +292,11 @@ def plot(points: list[dict], hf_points: list[dict], path: Path) -> None:
 
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        result = json.loads(Path(args.replot).read_text(encoding="utf-8"))
+        plot(result["points"], [p for p in result["hf"] if "tokens_per_s" in p], result["validation_text"],
+             result["speed_ratio_at_arm_gen_ppl"]["min_unigram_entropy"], Path(args.plot))
+        return
     torch.set_num_threads(args.threads)
     data = TokenData(args.data)
     mdm, tokenizer, _ = load_model(args.mdm)
@@ -336,7 +363,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    plot(points, [p for p in hf_points if "tokens_per_s" in p and p["name"].startswith("HF")], Path(args.plot))
+    plot(points, [p for p in hf_points if "tokens_per_s" in p], data_point, min_entropy, Path(args.plot))
     print(f"wrote {out} and {args.plot}")
 
 
