@@ -1,9 +1,9 @@
 """Speed-quality frontier of MDM samplers against KV-cached ARM decoding.
 
-For each MDM sampler and step count, and for the ARM with and without its KV
-cache, the script measures tokens/s, generative perplexity under a separately
-trained judge ARM, and the mean unigram entropy of the samples (low entropy
-flags repetitive text). It also times Hugging Face transformers' generate on a
+The script runs each MDM sampler at several step counts, and the ARM with and
+without its KV cache. For each it measures tokens/s, generative perplexity under
+a separately trained judge ARM, and the mean unigram entropy of the samples (low
+entropy flags repetitive text). It also times Hugging Face transformers' generate on a
 LlamaForCausalLM that holds the same ARM weights, and measures how often the
 approximate MDM caches reproduce the uncached tokens.
 

@@ -1,8 +1,8 @@
-"""Decoding speed at the paper's 19M size with random weights (speed only, no quality).
+"""Decoding speed at the 19M size with random weights (speed only, no quality).
 
-Setting of the speed comparison in "Scaling up Masked Diffusion Models on Text"
-(Nie et al., arXiv 2410.18514): a 64-token prompt and 256 new tokens, batch 1.
-The script times the MDM samplers at several step counts, the KV-cached ARM,
+Setting: the 19M configuration of "Scaling up Masked Diffusion Models on Text"
+(Nie et al., arXiv 2410.18514) with a 32,000-id vocabulary, a 64-token prompt
+and 256 new tokens, batch 1. The script times the MDM samplers at several step counts, the KV-cached ARM,
 and Hugging Face transformers' generate on a LlamaForCausalLM with the same ARM
 weights. For the MDM it also times the bare network passes of the uncached
 sampler, so the share of time spent in the sampler itself is visible.
