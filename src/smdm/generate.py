@@ -167,10 +167,6 @@ class Canvas:
     def padded(self) -> bool:
         return not bool(self.real.all())
 
-    def key_mask(self) -> torch.Tensor | None:
-        """Attention mask (B, 1, 1, L) that hides pad keys, or None when no row is padded."""
-        return self.real[:, None, None, :] if self.padded else None
-
 
 def as_rows(prompts: torch.Tensor | Sequence[Sequence[int]]) -> list[list[int]]:
     if isinstance(prompts, torch.Tensor):
