@@ -303,3 +303,20 @@ def test_sample_cli_rejects_bad_block_length(text_checkpoint, capsys):
     code = main(["sample", "--checkpoint", str(text_checkpoint), "--max-new-tokens", "10", "--block-length", "3"])
     assert code == 2
     assert "block_length=3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_step_matches_full_pass(mdm, cache):
+    """With an unchanged canvas, a cached step must reproduce the full pass (mixed lengths, CFG on)."""
+    config = SampleConfig(max_new_tokens=8, steps=8, block_length=4, cache=cache, cfg=0.5)
+    canvas = build_canvas(PROMPTS, 8, mdm.config.mask_id, 0, DEVICE)
+    tokens = canvas.tokens.clone()
+    tokens[:, canvas.start] = 40  # one revealed token in the first block
+    uncached = _Denoiser(mdm, canvas, SampleConfig(max_new_tokens=8, steps=8, block_length=4, cfg=0.5))
+    cached = _Denoiser(mdm, canvas, config)
+    for lo in (canvas.start, canvas.start + 4):
+        reference = uncached(tokens, lo, lo + 4, first=True)
+        first = cached(tokens, lo, lo + 4, first=True)
+        later = cached(tokens, lo, lo + 4, first=False)
+        torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(later, reference, rtol=1e-4, atol=1e-4)
