@@ -222,6 +222,15 @@ def check_lengths(model: Transformer, prompts: list[list[int]], suffixes: list[l
             )
 
 
+def default_pad_id(pad_id: int | None, eos_id: int | None) -> int:
+    """Pick the pad id: the one given, else EOS, else 0 (any real id works, because pads are never attended)."""
+    if pad_id is not None:
+        return pad_id
+    if eos_id is not None:
+        return eos_id
+    return 0
+
+
 def row_generators(seeds: Sequence[int], base_seed: int, device: torch.device) -> list[torch.Generator]:
     """One generator per row, keyed by (seed, row seed), so a row's noise does not depend on its neighbours."""
     gens = []
@@ -400,7 +409,7 @@ def mdm_sample(
     probability (t - s) / t, to a draw from softmax(l / tau): the exact reverse
     process of the linear schedule (Nie et al., arXiv 2410.18514). Low-confidence
     remasking reveals each row's most confident predictions, as many as keep that
-    row's masked count on the schedule floor(M s); every row has its own budget.
+    row's masked count on the schedule floor(M s). Every row has its own budget.
     "threshold" reveals every prediction above `config.threshold` and at least
     the schedule's count (so at least one per step), ending a block early once it
     is full. With block_length set, blocks are decoded left to right, each with
@@ -451,7 +460,10 @@ def mdm_sample(
 
 # ARM decoding.
 def _causal_mask(real: torch.Tensor) -> torch.Tensor:
-    """Mask (B, 1, T, T): causal, pad keys hidden; every query also sees itself so pad rows stay finite."""
+    """Build the attention mask (B, 1, T, T): causal, with pad keys hidden.
+
+    Each query also attends to itself, so pad rows have a key and stay finite.
+    """
     T = real.size(1)
     causal = torch.ones(T, T, dtype=torch.bool, device=real.device).tril()
     eye = torch.eye(T, dtype=torch.bool, device=real.device)
@@ -472,7 +484,7 @@ def arm_sample(
     """Decode max_new_tokens tokens after each prompt; return (B, G') with G' <= G when every row stopped early.
 
     With config.cache "auto" (or anything but "none") keys and values live in a
-    preallocated KVCache and each step runs one token; with "none" each step
+    preallocated KVCache and each step runs one token. With "none" each step
     reruns the whole sequence. Both give the same tokens. Rows that emitted EOS
     keep emitting EOS so the batch stays rectangular.
     """
@@ -484,7 +496,7 @@ def arm_sample(
     G = config.max_new_tokens
     check_lengths(model, rows, None, G)
     device = model.lm_head.weight.device
-    pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    pad = default_pad_id(pad_id, eos_id)
     canvas = build_canvas(rows, G, pad, pad, device)
     gens = row_generators(row_seeds if row_seeds is not None else range(len(rows)), config.seed, device)
     B, P = len(rows), canvas.start
@@ -568,13 +580,13 @@ def generate(
     """Generate with the sampler that fits the model kind; return each row's new ids, cut at EOS when asked.
 
     prompts: a (B, P) tensor or a list of token-id lists of any lengths.
-    suffixes: per-row text after the gap, for MDM infilling.
+    suffixes: per-row token ids after the gap, for MDM infilling.
     decode: turns ids into text; needed for config.stop_strings, which end a row
     early (the caller cuts the text at the stop string).
     """
     should_stop = _stop_checker(config, eos_id, decode)
     if model.config.is_mdm:
-        pad = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+        pad = default_pad_id(pad_id, eos_id)
         new = mdm_sample(model, prompts, config, eos_id=eos_id, pad_id=pad, suffixes=suffixes, row_seeds=row_seeds,
                          should_stop=should_stop)
     else:
