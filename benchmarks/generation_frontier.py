@@ -134,7 +134,10 @@ def timed_generate(model, prompts: list[torch.Tensor], config: SampleConfig, pad
 
 
 @torch.no_grad()
-def time_hf(hf, prompts: list[torch.Tensor], new_tokens: int, cache_implementation: str | None) -> tuple[torch.Tensor, float]:
+def time_hf(
+    hf, prompts: list[torch.Tensor], new_tokens: int, cache_implementation: str | None
+) -> tuple[torch.Tensor, float]:
+    """Run HF generate greedily on every prompt batch; return the new tokens (N, G) and the seconds spent."""
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                   eos_token_id=None)
     if cache_implementation and cache_implementation != "dynamic":
@@ -189,7 +192,8 @@ def mdm_configs(new_tokens: int, temperature: float) -> list[tuple[str, dict]]:
     for steps in (12, 24, 48, 96):
         configs.append((f"low_confidence/{steps}", dict(sampler="low_confidence", steps=steps)))
     for steps in (12, 24, 48, 96):
-        configs.append((f"low_confidence+blocks32/{steps}", dict(sampler="low_confidence", steps=steps, block_length=32)))
+        blocks = dict(sampler="low_confidence", steps=steps, block_length=32)
+        configs.append((f"low_confidence+blocks32/{steps}", blocks))
     for threshold in (0.9, 0.5, 0.2, 0.1):
         configs.append((f"threshold{threshold}+blocks32", dict(sampler="threshold", threshold=threshold,
                                                                 steps=new_tokens, block_length=32)))

@@ -54,8 +54,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     block = args.prompt_len + args.new_tokens
     torch.manual_seed(0)
-    mdm = Transformer(ModelConfig.from_name(args.model, kind="mdm", vocab_size=args.vocab_size, block_size=block)).eval()
-    arm = Transformer(ModelConfig.from_name(args.model, kind="arm", vocab_size=args.vocab_size, block_size=block)).eval()
+    shape = dict(vocab_size=args.vocab_size, block_size=block)
+    mdm = Transformer(ModelConfig.from_name(args.model, kind="mdm", **shape)).eval()
+    arm = Transformer(ModelConfig.from_name(args.model, kind="arm", **shape)).eval()
     prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len))
     G = args.new_tokens
     rows = []
