@@ -297,6 +297,19 @@ def test_sample_cli_prints_every_sample(text_checkpoint, capsys):
     assert out.count(" END\n") == 4
 
 
+def test_sample_cli_reads_prompt_file(text_checkpoint, tmp_path, capsys):
+    from smdm.cli import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("To be\n\nWhether\n", encoding="utf-8")
+    code = main(["sample", "--checkpoint", str(text_checkpoint), "--prompt", "O", "--prompt-file", str(prompts),
+                 "--max-new-tokens", "4", "--steps", "2", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert [line for line in out.splitlines() if line.startswith("---")] == [
+        "--- prompt: 'O'", "--- prompt: 'To be'", "--- prompt: 'Whether'"]
+
+
 def test_sample_cli_rejects_bad_block_length(text_checkpoint, capsys):
     from smdm.cli import main
 

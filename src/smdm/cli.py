@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("smdm")
 
@@ -119,6 +120,8 @@ def add_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
     parser.add_argument("--prompt", action="append", default=None,
                         help="prompt text; repeat for a batch of prompts; omit for unconditional samples")
+    parser.add_argument("--prompt-file", default=None,
+                        help="text file with one prompt per line, added to the batch after any --prompt")
     parser.add_argument("--suffix", default=None, help="text after the gap: the MDM fills in between prompt and suffix")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
@@ -144,7 +147,13 @@ def add_sample(parser: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from smdm.sampling_api import sample_text
 
-    prompts = args.prompt if args.prompt is not None else [""]
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found; pass a text file with one prompt per line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = prompts or [""]
     texts = sample_text(
         args.checkpoint, prompts, num_samples=args.num_samples, suffix=args.suffix, device=args.device,
         max_new_tokens=args.max_new_tokens, steps=args.steps, temperature=args.temperature, sampler=args.sampler,
