@@ -20,32 +20,37 @@ from smdm.generate import (
 )
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
-DEVICE = torch.device("cpu")
+# CUDA runs the same checks where a GPU exists; the CPU is always tested.
+DEVICES = [
+    pytest.param("cpu"),
+    pytest.param("cuda", marks=[pytest.mark.cuda,
+                                pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+]
 
 
-def sharp_model(kind: str, seed: int = 0, eos_id: int | None = None, eos_bias: float = 0.0):
+def sharp_model(kind: str, seed: int = 0, eos_id: int | None = None, eos_bias: float = 0.0, device: str = "cpu"):
     """A tiny model with weights scaled up, so its predictions depend on the context instead of being flat."""
-    model = tiny_model(kind, seed=seed).to(DEVICE)
+    model = tiny_model(kind, seed=seed).to(device)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" not in name:
                 param.mul_(4.0)
         if eos_id is not None:
             # Point the EOS output row along the mean final hidden state, so EOS wins almost everywhere.
-            ids = torch.arange(model.config.vocab_size, device=DEVICE)[None, :64]
+            ids = torch.arange(model.config.vocab_size, device=device)[None, :64]
             direction = model(ids, return_hidden=True).mean(dim=(0, 1))
             model.lm_head.weight[eos_id] = eos_bias * direction / direction.norm()
     return model
 
 
-@pytest.fixture(scope="module")
-def mdm():
-    return sharp_model("mdm")
+@pytest.fixture(scope="module", params=DEVICES)
+def mdm(request):
+    return sharp_model("mdm", device=request.param)
 
 
-@pytest.fixture(scope="module")
-def arm():
-    return sharp_model("arm", seed=1)
+@pytest.fixture(scope="module", params=DEVICES)
+def arm(request):
+    return sharp_model("arm", seed=1, device=request.param)
 
 
 def alone_and_batched(model, config, **kwargs):
@@ -150,10 +155,10 @@ def test_infilling_reads_the_suffix(mdm):
 
 def test_guidance_combines_both_passes(mdm):
     config = SampleConfig(max_new_tokens=4, steps=4, cfg=0.8)
-    canvas = build_canvas([[5, 6, 7]], 4, mdm.config.mask_id, 0, DEVICE)
+    canvas = build_canvas([[5, 6, 7]], 4, mdm.config.mask_id, 0, mdm.lm_head.weight.device)
     denoise = _Denoiser(mdm, canvas, config)
     hidden = denoise(canvas.tokens, 3, 7, first=True)
-    logits = denoise.logits_at(hidden, torch.ones(1, 4, dtype=torch.bool)).view(1, 4, -1)
+    logits = denoise.logits_at(hidden, torch.ones(1, 4, dtype=torch.bool, device=hidden.device)).view(1, 4, -1)
     unconditional_canvas = canvas.tokens.clone()
     unconditional_canvas[:, :3] = mdm.config.mask_id
     with torch.no_grad():
@@ -183,7 +188,7 @@ def test_arm_uncached_matches_full_forward(arm):
     sequence = list(prompt)
     with torch.no_grad():
         for _ in range(6):
-            logits = arm(torch.tensor([sequence], device=DEVICE))[0, -1]
+            logits = arm(torch.tensor([sequence], device=arm.lm_head.weight.device))[0, -1]
             sequence.append(int(logits.argmax()))
     new = arm_sample(arm, PROMPTS, SampleConfig(max_new_tokens=6, temperature=0))
     assert new[1].tolist() == sequence[len(prompt) :]
@@ -322,7 +327,7 @@ def test_sample_cli_rejects_bad_block_length(text_checkpoint, capsys):
 def test_cached_step_matches_full_pass(mdm, cache):
     """With an unchanged canvas, a cached step must reproduce the full pass (mixed lengths, CFG on)."""
     config = SampleConfig(max_new_tokens=8, steps=8, block_length=4, cache=cache, cfg=0.5)
-    canvas = build_canvas(PROMPTS, 8, mdm.config.mask_id, 0, DEVICE)
+    canvas = build_canvas(PROMPTS, 8, mdm.config.mask_id, 0, mdm.lm_head.weight.device)
     tokens = canvas.tokens.clone()
     tokens[:, canvas.start] = 40  # one revealed token in the first block
     uncached = _Denoiser(mdm, canvas, SampleConfig(max_new_tokens=8, steps=8, block_length=4, cfg=0.5))
