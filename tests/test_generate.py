@@ -338,3 +338,15 @@ def test_cached_step_matches_full_pass(mdm, cache):
         later = cached(tokens, lo, lo + 4, first=False)
         torch.testing.assert_close(first, reference, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(later, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_arm_keeps_going_without_eos_stop():
+    eos = 2
+    model = sharp_model("arm", seed=1, eos_id=eos, eos_bias=50.0)
+    config = SampleConfig(max_new_tokens=6, temperature=0, stop_at_eos=False)
+    new = arm_sample(model, PROMPTS, config, eos)
+    assert new.shape == (3, 6)
+    reference = arm_sample(model, PROMPTS, SampleConfig(max_new_tokens=6, temperature=0, cache="none",
+                                                        stop_at_eos=False), eos)
+    assert torch.equal(new, reference)
+    assert (new[:, 0] == eos).all()  # the biased model emits EOS first, and the rows still continue

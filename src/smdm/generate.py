@@ -485,8 +485,9 @@ def arm_sample(
 
     With config.cache "auto" (or anything but "none") keys and values live in a
     preallocated KVCache and each step runs one token. With "none" each step
-    reruns the whole sequence. Both give the same tokens. Rows that emitted EOS
-    keep emitting EOS so the batch stays rectangular.
+    reruns the whole sequence. Both give the same tokens. With config.stop_at_eos,
+    rows that emitted EOS keep emitting EOS so the batch stays rectangular, and
+    decoding ends once every row has finished.
     """
     if model.config.is_mdm:
         raise ValueError("arm_sample needs an ARM checkpoint; use mdm_sample for an MDM")
@@ -505,6 +506,8 @@ def arm_sample(
     padded = canvas.padded
     tokens = canvas.tokens.clone()
     use_cache = config.cache != "none"
+    # A finished row emits EOS from then on, which keeps the batch rectangular.
+    stop_at_eos = config.stop_at_eos and eos_id is not None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
 
     cache = model.new_cache(B, P + G) if use_cache else None
@@ -517,13 +520,13 @@ def arm_sample(
         if eos_id is not None and i < config.min_new_tokens:
             logits[:, eos_id] = float("-inf")
         token = gumbel_max_rows(logits, [1] * B, config.temperature, gens)  # (B,)
-        if eos_id is not None:
+        if stop_at_eos:
             token = torch.where(finished, torch.full_like(token, eos_id), token)
             finished |= token == eos_id
         tokens[:, P + i] = token
         if should_stop is not None and (i + 1) % STOP_STRING_CHECK_INTERVAL == 0:
             finished |= should_stop(tokens[:, P : P + i + 1]).to(device)
-        done = config.stop_at_eos and eos_id is not None and bool(finished.all())
+        done = (stop_at_eos or should_stop is not None) and bool(finished.all())
         if done or i == G - 1:
             return tokens[:, P : P + i + 1]
         T = P + i + 1
