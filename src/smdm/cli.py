@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 log = logging.getLogger("smdm")
 
@@ -138,17 +139,31 @@ def run_train(args: argparse.Namespace) -> int:
 
 # sample
 def add_sample(parser: argparse.ArgumentParser) -> None:
-    from smdm.generate import SAMPLERS, SampleConfig
+    from smdm.generate import CACHE_MODES, SAMPLERS, SampleConfig
 
     defaults = SampleConfig()
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder (uses its latest)")
     parser.add_argument("--prompt", action="append", default=None,
-                        help="prompt text; repeat for several; omit for unconditional samples")
+                        help="prompt text; repeat for a batch of prompts; omit for unconditional samples")
+    parser.add_argument("--prompt-file", default=None,
+                        help="text file with one prompt per line, added to the batch after any --prompt")
+    parser.add_argument("--suffix", default=None, help="text after the gap: the MDM fills in between prompt and suffix")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="MDM forward passes")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help="MDM forward passes (an upper bound for --sampler threshold)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
     parser.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler, help="MDM remasking rule")
+    parser.add_argument("--block-length", type=int, default=defaults.block_length,
+                        help="semi-autoregressive block length in tokens (MDM); 0 for one block")
+    parser.add_argument("--threshold", type=float, default=defaults.threshold,
+                        help="confidence above which --sampler threshold reveals a token")
+    parser.add_argument("--cfg", type=float, default=defaults.cfg, help="unsupervised CFG scale (MDM); 0 is off")
+    parser.add_argument("--cache", choices=CACHE_MODES, default=defaults.cache,
+                        help="KV cache: auto (ARM cached, MDM none), none, or prefix/dual (MDM, approximate)")
+    parser.add_argument("--min-new-tokens", type=int, default=defaults.min_new_tokens,
+                        help="new tokens before EOS may be chosen")
+    parser.add_argument("--stop", action="append", default=[], help="stop string that ends a sample; repeatable")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="keep text after the first EOS")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
@@ -157,15 +172,23 @@ def add_sample(parser: argparse.ArgumentParser) -> None:
 def run_sample(args: argparse.Namespace) -> int:
     from smdm.sampling_api import sample_text
 
-    prompts = args.prompt if args.prompt is not None else [""]
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} not found; pass a text file with one prompt per line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = prompts or [""]
     texts = sample_text(
-        args.checkpoint, prompts, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        steps=args.steps, temperature=args.temperature, sampler=args.sampler,
-        stop_at_eos=not args.no_stop_at_eos, seed=args.seed, device=args.device,
+        args.checkpoint, prompts, num_samples=args.num_samples, suffix=args.suffix, device=args.device,
+        max_new_tokens=args.max_new_tokens, steps=args.steps, temperature=args.temperature, sampler=args.sampler,
+        block_length=args.block_length, threshold=args.threshold, cfg=args.cfg, cache=args.cache,
+        min_new_tokens=args.min_new_tokens, stop_strings=tuple(args.stop), stop_at_eos=not args.no_stop_at_eos,
+        seed=args.seed,
     )
     for prompt, text in texts:
         print(f"--- prompt: {prompt!r}")
-        print(prompt + text)
+        print(prompt + text + (args.suffix or ""))
     return 0
 
 
