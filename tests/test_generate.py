@@ -13,11 +13,11 @@ from smdm.generate import (
     arm_sample,
     build_canvas,
     generate,
-    guided_logits,
     gumbel_max,
     mdm_sample,
     reveal_counts,
 )
+from smdm.guidance import cfg_logits
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14]]
 # CUDA runs the same checks where a GPU exists; the CPU is always tested.
@@ -166,7 +166,7 @@ def test_guidance_combines_both_passes(mdm):
         unconditional = mdm(unconditional_canvas)[:, 3:]
     expected = unconditional + 1.8 * (conditional - unconditional)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(guided_logits(conditional, unconditional, 0.0), conditional)
+    torch.testing.assert_close(cfg_logits(conditional, unconditional, 0.0), conditional)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

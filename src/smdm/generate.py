@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from smdm.guidance import cfg_logits
 from smdm.model import KVCache, Transformer
 from smdm.runtime import derived_seed
 
@@ -142,14 +143,6 @@ def gumbel_max_rows(
     if not draws:
         return logits.argmax(dim=-1)
     return _gumbel_argmax(logits, temperature, torch.cat(draws).to(logits.device))
-
-
-def guided_logits(conditional: torch.Tensor, unconditional: torch.Tensor, scale: float) -> torch.Tensor:
-    """Combine raw logits with unsupervised classifier-free guidance: l = l_u + (w + 1)(l_c - l_u).
-
-    Source: Nie et al., arXiv 2410.18514 (unsupervised CFG); w = 0 returns the conditional logits.
-    """
-    return unconditional + (scale + 1.0) * (conditional - unconditional)
 
 
 # Batch layout.
@@ -286,7 +279,7 @@ class _Denoiser:
         B = select.size(0)
         conditional = self.model.lm_head(hidden[:B][select]).float()
         unconditional = self.model.lm_head(hidden[B:][select]).float()
-        return guided_logits(conditional, unconditional, self.config.cfg)
+        return cfg_logits(conditional, unconditional, self.config.cfg)
 
     def __call__(self, tokens: torch.Tensor, lo: int, hi: int, first: bool) -> torch.Tensor:
         """Return the final hidden states (B or 2B, W, D) of block columns [lo, hi) for the canvas tokens (B, L)."""
