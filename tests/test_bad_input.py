@@ -37,6 +37,7 @@ def test_empty_corpus(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n", encoding="utf-8")
     with pytest.raises(ValueError, match="contains no text"):
         prepare(tmp_path / "empty.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a failed prepare leaves no folder that looks prepared
 
 
 def test_empty_folder(tmp_path):
@@ -55,6 +56,7 @@ def test_non_utf8_file(tmp_path):
     (tmp_path / "latin1.txt").write_bytes("Caf\xe9 cr\xe8me".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not valid UTF-8 .*iconv"):
         prepare(tmp_path / "latin1.txt", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_jsonl_missing_field(tmp_path):
@@ -79,7 +81,7 @@ def test_resume_with_other_model_is_rejected(small_data, tmp_path):
     config = TrainConfig(seq_len=16, global_batch=4, max_steps=2, eval_batches=1, eval_mc_samples=1)
     Trainer(ModelConfig.from_name("tiny-0.1M", vocab_size=300, block_size=16), config, small_data, tmp_path / "run").fit()
     other = ModelConfig.from_name("tiny-0.4M", vocab_size=300, block_size=16)
-    with pytest.raises(ValueError, match="model config differs from the checkpoint's"):
+    with pytest.raises(ValueError, match="name: checkpoint 'tiny-0.1M', given 'tiny-0.4M'"):
         Trainer(other, config, small_data, tmp_path / "run", resume=True)
     with pytest.raises(FileExistsError, match="pass --resume"):
         Trainer(other, config, small_data, tmp_path / "run")

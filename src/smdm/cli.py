@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import logging
 import os
@@ -32,10 +33,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
                             "global batch); the rest is accumulated")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
-    group.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
-    group.add_argument("--min-warmup-steps", type=int, default=defaults.min_warmup_steps)
-    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
-    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip)
+    group.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction,
+                       help="share of the steps spent in linear warmup (at least --min-warmup-steps)")
+    group.add_argument("--min-warmup-steps", type=int, default=defaults.min_warmup_steps,
+                       help="minimum warmup in steps, capped at the run length")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="AdamW weight decay of matrices")
+    group.add_argument("--grad-clip", type=float, default=defaults.grad_clip, help="maximum global gradient norm")
     budget = parser.add_argument_group("budget (give exactly one)")
     budget.add_argument("--max-steps", type=int, default=0, help="optimiser steps")
     budget.add_argument("--max-tokens", type=int, default=0, help="training tokens")
@@ -45,10 +48,12 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval-batches", type=int, default=defaults.eval_batches, help="validation micro-batches")
     group.add_argument("--eval-mc-samples", type=int, default=defaults.eval_mc_samples,
                        help="Monte Carlo draws per validation sequence (MDM)")
-    group.add_argument("--log-interval", type=int, default=defaults.log_interval)
-    group.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval)
-    group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
+    group.add_argument("--log-interval", type=int, default=defaults.log_interval, help="steps between log lines")
+    group.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval,
+                       help="steps between checkpoints (one is always written at the end)")
+    group.add_argument("--seed", type=int, default=defaults.seed, help="seed of the initialisation, batches and masks")
+    group.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto",
+                       help="auto: bf16-mixed on a GPU that supports it, else fp32")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
@@ -149,7 +154,7 @@ def add_sample(parser: argparse.ArgumentParser) -> None:
                         help="text file with one prompt per line, added to the batch after any --prompt")
     parser.add_argument("--suffix", default=None, help="text after the gap: the MDM fills in between prompt and suffix")
     parser.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="tokens to generate per sample")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help="MDM forward passes (an upper bound for --sampler threshold)")
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0 is greedy")
@@ -165,11 +170,12 @@ def add_sample(parser: argparse.ArgumentParser) -> None:
                         help="new tokens before EOS may be chosen")
     parser.add_argument("--stop", action="append", default=[], help="stop string that ends a sample; repeatable")
     parser.add_argument("--no-stop-at-eos", action="store_true", help="keep text after the first EOS")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
 def run_sample(args: argparse.Namespace) -> int:
+    from smdm.data.corpus import read_text_file
     from smdm.sampling_api import sample_text
 
     prompts = list(args.prompt or [])
@@ -177,7 +183,7 @@ def run_sample(args: argparse.Namespace) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} not found; pass a text file with one prompt per line")
-        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += [line for line in read_text_file(path).splitlines() if line.strip()]
     prompts = prompts or [""]
     texts = sample_text(
         args.checkpoint, prompts, num_samples=args.num_samples, suffix=args.suffix, device=args.device,
@@ -200,16 +206,17 @@ def add_evaluate(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--tasks", default=None,
                       help="comma-separated zero-shot tasks run through lm-eval, e.g. hellaswag,piqa,lambada_standard")
     mode.add_argument("--text", default=None, help="a UTF-8 text file: its perplexity (an upper bound for an MDM)")
-    parser.add_argument("--split", choices=("train", "val"), default="val")
+    parser.add_argument("--split", choices=("train", "val"), default="val", help="split of the --data folder to score")
     parser.add_argument("--seq-len", type=int, default=0, help="window length (default: the training seq_len)")
     parser.add_argument("--max-sequences", type=int, default=256, help="windows to score, evenly spread")
     parser.add_argument("--batch-size", type=int, default=16, help="sequences or canvases per forward pass")
     parser.add_argument("--mc-samples", type=int, default=None,
                         help="Monte Carlo draws per window or per answer (MDM; default 16 for --data and --text, "
                              "128 for --tasks)")
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
+    parser.add_argument("--seed", type=int, default=1234, help="seed of the Monte Carlo draws")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto",
+                        help="auto: bf16-mixed on a GPU that supports it, else fp32")
     tasks = parser.add_argument_group("zero-shot tasks (--tasks)")
     tasks.add_argument("--limit", type=float, default=None,
                        help="documents per task (an integer), or a fraction of each task below 1")
@@ -250,9 +257,11 @@ def run_validation(args: argparse.Namespace) -> int:
     if data.tokenizer.identity != tokenizer.identity:
         raise ValueError(
             f"checkpoint {checkpoint.folder} was trained with another tokenizer than {data.folder}; "
-            "prepare the data with `smdm prepare --tokenizer CHECKPOINT/tokenizer.json`"
+            f"prepare the data with `smdm prepare --tokenizer {checkpoint.folder / 'tokenizer.json'}`"
         )
     seq_len = args.seq_len or checkpoint.train_config.get("seq_len") or model.config.block_size
+    log.info("scoring up to %d windows of %d tokens of %s/%s with %s", args.max_sequences, seq_len, data.folder,
+             args.split, checkpoint.folder)
     result = validation_loss(model, data.split(args.split), seq_len, max_sequences=args.max_sequences,
                              batch_size=args.batch_size, mc_samples=args.mc_samples or 16, seed=args.seed,
                              precision=resolve_precision(args.precision, device))
@@ -267,7 +276,7 @@ def add_quickstart(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="total training time of both models, roughly")
     parser.add_argument("--model", default="tiny-0.8M", help="size of both models")
     parser.add_argument("--max-steps", type=int, default=0, help="fixed step count instead of the time budget")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
 
 
 def run_quickstart(args: argparse.Namespace) -> int:
@@ -320,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, help_text, add, run in VERBS:
-        verb = sub.add_parser(name, help=help_text, description=help_text)
+        verb = sub.add_parser(name, help=help_text, description=help_text,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if add is not None:
             add(verb)
         verb.set_defaults(run=run)
@@ -344,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"smdm {args.verb}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (as in `smdm sample | head`); silence the flush at exit.
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

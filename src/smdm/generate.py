@@ -208,10 +208,15 @@ def check_lengths(model: Transformer, prompts: list[list[int]], suffixes: list[l
     for index, (prompt, suffix) in enumerate(zip(prompts, suffixes)):
         total = len(prompt) + new + len(suffix)
         if total > limit:
+            room = limit - len(prompt) - len(suffix)
+            fix = (
+                f"lower --max-new-tokens to {room} or shorten the prompt"
+                if room > 0
+                else f"shorten the prompt and suffix to at most {limit - 1} tokens together"
+            )
             raise ValueError(
                 f"prompt {index} has {len(prompt)} tokens; with a suffix of {len(suffix)} and max_new_tokens={new} "
-                f"that makes {total}, more than the model's context of {limit}; shorten the prompt or lower "
-                f"--max-new-tokens to {max(0, limit - len(prompt) - len(suffix))}"
+                f"that makes {total}, more than the model's context of {limit}; {fix}"
             )
 
 

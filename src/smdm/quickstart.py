@@ -108,8 +108,9 @@ def print_summary(summary: dict) -> None:
     print(f"  MDM  {mdm['val_loss']:.4f}  (upper bound on NLL: Monte Carlo NELBO)")
     print(f"  ARM  {arm['val_loss']:.4f}  (exact NLL)")
     for kind, run in (("MDM", mdm), ("ARM", arm)):
-        print(f"\nSamples from the {kind} ({run['steps']} steps, {run['tokens']:,} tokens):")
-        for text in run["samples"]:
+        print(f"\nSamples from the {kind} (trained for {run['steps']} steps on {run['tokens']:,} tokens):")
+        for number, text in enumerate(run["samples"], start=1):
+            print(f"  --- sample {number}")
             print("  | " + text.replace("\n", "\n  | "))
     print(f"\nRuns are in {Path(mdm['run']).parent}; sample again with "
           f"`smdm sample --checkpoint {mdm['run']} --prompt 'ROMEO:'`")

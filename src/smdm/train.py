@@ -246,9 +246,11 @@ class Trainer:
             checkpoint = read_checkpoint(self.run_dir)
             problems = []
             if checkpoint.model_config != self.model_config:
+                saved, given = checkpoint.model_config.to_dict(), self.model_config.to_dict()
+                differences = ", ".join(f"{k}: checkpoint {saved[k]!r}, given {given[k]!r}" for k in saved if saved[k] != given[k])
                 problems.append(
-                    f"model config differs from the checkpoint's ({checkpoint.model_config.to_dict()}); "
-                    "resume with the same --model and --kind"
+                    f"model config differs from the checkpoint's ({differences}); "
+                    "resume with the same --model, --kind and --block-size"
                 )
             if checkpoint.tokenizer.identity != self.data.tokenizer.identity:
                 problems.append(f"the tokenizer of {self.data.folder} is not the one the checkpoint was trained with")

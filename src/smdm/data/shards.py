@@ -71,7 +71,27 @@ def prepare(
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction={val_fraction} must lie strictly between 0 and 1")
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(corpus, out, tokenizer, vocab_size, val_fraction, text_field)
+    except BaseException:
+        # Leave no trace of a failed run: an empty or partial folder would look like a prepared one.
+        for leftover in ("tokens.tmp", "train.bin.tmp", "val.bin.tmp"):
+            (out / leftover).unlink(missing_ok=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _prepare_into(
+    corpus: str | Path,
+    out: Path,
+    tokenizer: str | Path | Tokenizer | None,
+    vocab_size: int,
+    val_fraction: float,
+    text_field: str,
+) -> PrepareResult:
     started = time.time()
 
     def documents() -> Iterator[Document]:

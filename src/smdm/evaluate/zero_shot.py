@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from smdm.data.corpus import read_text_file
 from smdm.evaluate.offline_tasks import OFFLINE_TASKS, TASKS_DIR
 
 
@@ -83,4 +84,4 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"text file not found: {path}")
-    return path.read_text(encoding="utf-8")
+    return read_text_file(path)
