@@ -207,6 +207,19 @@ def run_sizes(args: argparse.Namespace) -> int:
     return 0
 
 
+# sweep
+def add_sweep(parser: argparse.ArgumentParser) -> None:
+    from smdm.sweep_cli import add_sweep as add
+
+    add(parser)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from smdm.sweep_cli import run_sweep_verb
+
+    return run_sweep_verb(args)
+
+
 Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
 
 VERBS: list[Verb] = [
@@ -217,6 +230,7 @@ VERBS: list[Verb] = [
     ("quickstart", "prepare the default corpus, train an MDM and an ARM, compare and sample", add_quickstart,
      run_quickstart),
     ("sizes", "list the model sizes", None, run_sizes),
+    ("sweep", "IsoFLOP scaling study: plan, run, fit and plot a sweep of MDM and ARM runs", add_sweep, run_sweep),
 ]
 
 
