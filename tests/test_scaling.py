@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from conftest import shared_path
 
 from smdm.cli import main
 from smdm.config import ModelConfig
@@ -24,7 +24,6 @@ from smdm.scaling import (
     read_sweep,
     write_sweep,
 )
-from conftest import shared_path
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -186,7 +185,8 @@ def test_fit_reports_unbracketed_budget():
     rows, _ = synthetic_rows(seed=3, noise=0.0)
     # Keep only the three smallest sizes of one ARM budget, so its minimum lies beyond them.
     budget = 1e19
-    arm_rows = sorted((r for r in rows if r["kind"] == "arm" and r["budget"] == budget), key=lambda r: r["n_non_embedding"])
+    arm_rows = [r for r in rows if r["kind"] == "arm" and r["budget"] == budget]
+    arm_rows.sort(key=lambda r: r["n_non_embedding"])
     dropped = {id(r) for r in arm_rows[3:]}
     fit = fit_results([r for r in rows if id(r) not in dropped], bootstrap=0)
     optimum = next(b for b in fit["kinds"]["arm"]["budgets"] if b["budget"] == budget)
@@ -218,11 +218,13 @@ def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
                  "--mc-samples", "2", "--eval-sequences", "8"]) == 0
     sweep = read_sweep(sweep_file)
     assert len(sweep["runs"]) == 8
+    run_command = ["sweep", "run", "--sweep", str(sweep_file), "--data", str(prepared_data),
+                   "--device", "cpu", "--threads", "1"]
     # 3e9 FLOPs on tiny-0.1M (131,392 parameters): 3e9 / 788352 = 3805 tokens = round(29.7) ARM steps of 128 tokens.
     longest = next(r for r in sweep["runs"] if r["id"] == "arm-C3e+09-tiny-0.1M")
     assert longest["steps"] == 30
 
-    assert main(["sweep", "run", "--sweep", str(sweep_file), "--data", str(prepared_data), "--device", "cpu", "--threads", "1"]) == 0
+    assert main(run_command) == 0
     results_file = tmp_path / "results.jsonl"
     rows = read_results(results_file)
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in sweep["runs"])
@@ -233,7 +235,7 @@ def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
     assert next(r for r in rows if r["id"] == "arm-C3e+09-tiny-0.1M")["steps"] == 30
 
     # A second run finds nothing to do.
-    assert main(["sweep", "run", "--sweep", str(sweep_file), "--data", str(prepared_data), "--device", "cpu", "--threads", "1"]) == 0
+    assert main(run_command) == 0
     assert len(read_results(results_file)) == 8
 
     # An interrupted run (its last checkpoint gone, no result) resumes and reaches the same loss.
@@ -244,7 +246,7 @@ def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
     (run_dir / "checkpoints" / "step-0000030").rmdir()
     (run_dir / "checkpoints" / "latest").write_text("step-0000020")
     results_file.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] != original["id"]))
-    assert main(["sweep", "run", "--sweep", str(sweep_file), "--data", str(prepared_data), "--device", "cpu", "--threads", "1"]) == 0
+    assert main(run_command) == 0
     resumed = next(r for r in read_results(results_file) if r["id"] == original["id"])
     assert resumed["resumed_from_step"] == 20
     assert resumed["steps"] == 30
@@ -257,8 +259,8 @@ def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
         assert [b["budget"] for b in budgets_fit] == [1e9, 3e9]
         for b in budgets_fit:
             # With two sizes the optimum is the lower of the two observed losses.
-            losses = {r["n_non_embedding"]: r["val_loss"] for r in rows if r["kind"] == kind and r["budget"] == b["budget"]}
-            assert b["loss_opt"] == pytest.approx(min(losses.values()))
+            losses = [r["val_loss"] for r in rows if r["kind"] == kind and r["budget"] == b["budget"]]
+            assert b["loss_opt"] == pytest.approx(min(losses))
         assert fit["kinds"][kind]["laws"]["loss"]["exponent"] is not None
     assert "gap" in fit
 

@@ -51,7 +51,8 @@ PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 
 # Small shapes that train in minutes on a laptop CPU. Same family rules (f = 4 d).
 TINY_SIZES: dict[str, tuple[int, int, int, int]] = {
-    # A ladder that doubles the non-embedding count (4K .. 1M) for CPU scaling sweeps.
+    # A ladder that doubles the non-embedding count (2K .. 1M) for CPU scaling sweeps.
+    "tiny-2K": (1, 2, 12, 48),
     "tiny-4K": (1, 2, 16, 64),
     "tiny-8K": (2, 2, 16, 64),
     "tiny-16K": (1, 2, 32, 128),

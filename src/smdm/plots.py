@@ -8,8 +8,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display is needed or opened
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 KIND_LABELS = {"arm": "ARM", "mdm": "MDM"}
 KIND_COLORS = {"arm": "tab:blue", "mdm": "tab:red"}
@@ -45,7 +45,8 @@ def plot_isoflop(rows: list[dict], fit: dict, path: str | Path) -> Path:
         axis.set_xscale("log")
         axis.set_xlabel("non-embedding parameters N")
         axis.set_ylabel("validation loss (nats/token)" + (", NELBO bound" if kind == "mdm" else ""))
-        axis.set_title(f"{KIND_LABELS[kind]} IsoFLOP curves (star: parabola vertex; x: lowest point, not bracketed)", fontsize=9)
+        axis.set_title(f"{KIND_LABELS[kind]} IsoFLOP curves (star: parabola vertex; x: lowest point, not bracketed)",
+                       fontsize=9)
         axis.legend(fontsize=7)
         axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

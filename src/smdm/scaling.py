@@ -122,7 +122,8 @@ def plan_runs(
                 n = size_params(size)
                 steps = config.resolve_steps(n, kind)
                 if steps < min_steps:
-                    log.info("leaving out %s at C=%.3g: %d steps < min_steps=%d", size, budget, steps, min_steps)
+                    log.info("leaving out %s %s at C=%.3g: %d steps < min_steps=%d",
+                             kind.upper(), size, budget, steps, min_steps)
                     continue
                 runs.append({
                     "id": run_id(kind, budget, size),
@@ -221,7 +222,8 @@ def read_results(path: str | Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {number} is not valid JSON ({error}); delete or fix that line") from error
+                message = f"{path} line {number} is not valid JSON ({error}); delete or fix that line"
+                raise ValueError(message) from error
     return rows
 
 
@@ -294,7 +296,8 @@ def train_one(run: dict, sweep: dict, data_dir: str, run_dir: str, device: str, 
         return {
             "id": run["id"], "kind": run["kind"], "model": run["model"], "budget": float(run["budget"]),
             "n_non_embedding": model_config.n_non_embedding, "n_params": model_config.n_params,
-            "steps": result.steps, "tokens": result.tokens, "flops_6nd": 6.0 * model_config.n_non_embedding * result.tokens,
+            "steps": result.steps, "tokens": result.tokens,
+            "flops_6nd": 6.0 * model_config.n_non_embedding * result.tokens,
             "val_loss": final["loss"], "val_bound": final["bound"], "val_sequences": final["sequences"],
             "mc_samples": int(evaluation["mc_samples"]) if final["bound"] else 0, "eval_seed": int(evaluation["seed"]),
             "resumed_from_step": resumed_from, "wall_s": round(time.time() - started, 2),
@@ -384,7 +387,7 @@ def run_sweep(
             log.info("training %s (%d steps)", run["id"], run["steps"])
             try:
                 row = train_one(*arguments(run))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (any failure of one run is recorded, see fail)
                 fail(run, error)
                 continue
             record(run, row)
@@ -403,7 +406,7 @@ def run_sweep(
             run = futures[future]
             try:
                 row = future.result()
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 (any failure of one run is recorded, see fail)
                 fail(run, error)
                 continue
             record(run, row)
@@ -446,8 +449,9 @@ def fit_isoflop(params: list[float], losses: list[float]) -> dict:
         return {"x_opt": float(x[best]), "loss_opt": float(y[best]), "coefficients": [float(a), float(b), float(c)],
                 "convex": True, "bracketed": False,
                 "method": f"lowest observed (vertex at N={10**x_opt:.3g} lies outside the sizes)"}
-    return {"x_opt": float(x_opt), "loss_opt": float(c - b * b / (4 * a)), "coefficients": [float(a), float(b), float(c)],
-            "convex": True, "bracketed": True, "method": "parabola vertex"}
+    return {"x_opt": float(x_opt), "loss_opt": float(c - b * b / (4 * a)),
+            "coefficients": [float(a), float(b), float(c)], "convex": True, "bracketed": True,
+            "method": "parabola vertex"}
 
 
 def fit_power_law(budgets: list[float], values: list[float]) -> dict:
@@ -619,12 +623,14 @@ def _format_interval(ci: list[float] | None, spec: str) -> str:
 def format_fit(fit: dict) -> str:
     """Render a fit as plain-text tables: optima per budget, exponents and the compute gap."""
     level = f"{fit['bootstrap']['confidence']:.0%}"
-    lines = [f"{'kind':<5} {'budget':>9} {'sizes':>5} {'N*':>10} {'D*':>10} {'L*':>8}  {'L* ' + level + ' CI':<18} bracketed"]
+    ci_title = f"L* {level} CI"
+    lines = [f"{'kind':<5} {'budget':>9} {'sizes':>5} {'N*':>10} {'D*':>10} {'L*':>8}  {ci_title:<18} bracketed"]
     for kind, data in fit["kinds"].items():
         for b in data["budgets"]:
             lines.append(
                 f"{kind:<5} {b['budget']:>9.3g} {b['sizes']:>5} {b['n_opt']:>10.3g} {b['d_opt']:>10.3g} "
-                f"{b['loss_opt']:>8.4f}  {_format_interval(b['loss_opt_ci'], '.4f'):<18} {'yes' if b['bracketed'] else 'NO'}"
+                f"{b['loss_opt']:>8.4f}  {_format_interval(b['loss_opt_ci'], '.4f'):<18} "
+                f"{'yes' if b['bracketed'] else 'NO'}"
             )
     lines.append("")
     lines.append(f"{'kind':<5} {'law':<22} {'exponent':>9}  {level} CI")

@@ -32,16 +32,19 @@ def add_sweep(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--min-steps", type=int, default=None, help="leave out runs shorter than this many steps")
     for key, kind in TRAIN_OVERRIDES:
         plan.add_argument("--" + key.replace("_", "-"), type=kind, default=None, help=f"training setting {key}")
-    plan.add_argument("--mc-samples", type=int, default=None, help="Monte Carlo draws per sequence of the MDM's final loss")
+    plan.add_argument("--mc-samples", type=int, default=None,
+                      help="Monte Carlo draws per sequence of the MDM's final loss")
     plan.add_argument("--eval-sequences", type=int, default=None, help="validation windows of the final loss")
     plan.set_defaults(sweep_run=run_plan)
 
     run = sub.add_parser("run", help="train the runs of a sweep file that have no result yet")
     run.add_argument("--sweep", required=True, help="sweep file from `smdm sweep plan`")
     run.add_argument("--data", required=True, help="prepared data folder (from `smdm prepare`)")
-    run.add_argument("--out", default=None, help="folder for runs/ and results.jsonl (default: the sweep file's folder)")
+    run.add_argument("--out", default=None,
+                     help="folder for runs/ and results.jsonl (default: the sweep file's folder)")
     run.add_argument("--jobs", type=int, default=1, help="runs trained at once, in separate processes")
-    run.add_argument("--threads", type=int, default=0, help="torch threads per run (0: default with one job, 1 with several)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch threads per run (0: torch's default with one job, 1 with several)")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--only", nargs="+", default=None, help="train only these run ids")
     run.set_defaults(sweep_run=run_run)
@@ -82,7 +85,8 @@ def run_plan(args: argparse.Namespace) -> int:
     path = write_sweep(sweep, args.out)
     print(f"{'run':<28} {'N':>12} {'budget':>10} {'steps':>8} {'tokens':>12}")
     for run in sweep["runs"]:
-        print(f"{run['id']:<28} {run['n_non_embedding']:>12,} {run['budget']:>10.3g} {run['steps']:>8,} {run['tokens']:>12,}")
+        print(f"{run['id']:<28} {run['n_non_embedding']:>12,} {run['budget']:>10.3g} "
+              f"{run['steps']:>8,} {run['tokens']:>12,}")
     print(f"wrote {len(sweep['runs'])} runs to {path}")
     return 0
 
