@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only: no display is needed or opened
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import LogFormatterSciNotation, NullFormatter, ScalarFormatter
 
 KIND_LABELS = {"arm": "ARM", "mdm": "MDM"}
 KIND_COLORS = {"arm": "tab:blue", "mdm": "tab:red"}
@@ -43,6 +44,7 @@ def plot_isoflop(rows: list[dict], fit: dict, path: str | Path) -> Path:
                 else:
                     axis.scatter([optimum["n_opt"]], [optimum["loss_opt"]], color="black", marker="x", s=60, zorder=3)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(NullFormatter())
         axis.set_xlabel("non-embedding parameters N")
         axis.set_ylabel("validation loss (nats/token)" + (", NELBO bound" if kind == "mdm" else ""))
         axis.set_title(f"{KIND_LABELS[kind]} IsoFLOP curves (star: parabola vertex; x: lowest point, not bracketed)",
@@ -66,7 +68,10 @@ def plot_laws(fit: dict, path: str | Path) -> Path:
             budgets = np.array([b["budget"] for b in data["budgets"]])
             values = np.array([b[key] for b in data["budgets"]])
             color = KIND_COLORS.get(kind, "black")
-            axis.scatter(budgets, values, color=color, s=22)
+            bracketed = np.array([b["bracketed"] for b in data["budgets"]], dtype=bool)
+            axis.scatter(budgets[bracketed], values[bracketed], color=color, s=26)
+            # Hollow markers: the budget's minimum was not bracketed, so the point is its lowest observed run.
+            axis.scatter(budgets[~bracketed], values[~bracketed], facecolors="none", edgecolors=color, s=26)
             law = data["laws"][law_name]
             if law["exponent"] is not None:
                 c = np.logspace(np.log10(budgets.min()) - 0.2, np.log10(budgets.max()) + 0.2, 50)
@@ -76,7 +81,17 @@ def plot_laws(fit: dict, path: str | Path) -> Path:
                 axis.plot([], [], color=color, label=KIND_LABELS.get(kind, kind))
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel("compute C = 6 N D (FLOPs)")
+        # Tick the sweep's budgets themselves; the axis spans only a decade or two.
+        all_budgets = sorted({b["budget"] for data in fit["kinds"].values() for b in data["budgets"]})
+        axis.set_xticks(all_budgets, [f"{b:.3g}" for b in all_budgets])
+        axis.xaxis.set_minor_formatter(NullFormatter())
+        # Label some minor ticks of N* and D*, which span less than a decade per kind.
+        if key == "loss_opt":
+            axis.yaxis.set_major_formatter(ScalarFormatter())
+            axis.yaxis.set_minor_formatter(ScalarFormatter())
+        else:
+            axis.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+        axis.set_xlabel("compute C = 6 N D (FLOPs); hollow: not bracketed")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def add_sweep(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the confidence intervals")
     fit.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     fit.add_argument("--confidence", type=float, default=0.95, help="level of the confidence intervals")
+    fit.add_argument("--budgets", type=float, nargs="+", default=None,
+                     help="fit only the results of these budgets (default: all budgets in the results)")
     fit.set_defaults(sweep_run=run_fit)
 
     plot = sub.add_parser("plot", help="PNG figures: IsoFLOP curves and optimal loss against compute")
@@ -107,6 +110,12 @@ def run_fit(args: argparse.Namespace) -> int:
     rows = read_results(args.results)
     if not rows:
         raise FileNotFoundError(f"no results in {args.results}; run `smdm sweep run` first")
+    if args.budgets:
+        present = sorted({float(row["budget"]) for row in rows})
+        missing = [b for b in args.budgets if not any(math.isclose(b, p, rel_tol=1e-9) for p in present)]
+        if missing:
+            raise ValueError(f"--budgets {missing} have no results; the results contain budgets {present}")
+        rows = [row for row in rows if any(math.isclose(row["budget"], b, rel_tol=1e-9) for b in args.budgets)]
     fit = fit_results(rows, bootstrap=args.bootstrap, seed=args.seed, confidence=args.confidence)
     out = Path(args.out) if args.out else Path(args.results).with_name("fit.json")
     out.write_text(json.dumps(fit, indent=2), encoding="utf-8")
