@@ -336,6 +336,8 @@ def run_sweep(
     results file is written only by this process. threads sets torch's
     intra-op threads per run (0: torch's default with one job, 1 with several).
     """
+    global _stopped_by_signal
+    _stopped_by_signal = False  # with jobs == 1 the runs train in this process; a new sweep starts afresh
     sweep_path = Path(sweep_path)
     sweep = read_sweep(sweep_path)
     data_dir = Path(data_dir)
