@@ -309,6 +309,19 @@ def run_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# sweep
+def add_sweep(parser: argparse.ArgumentParser) -> None:
+    from smdm.sweep_cli import add_sweep as add
+
+    add(parser)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from smdm.sweep_cli import run_sweep_verb
+
+    return run_sweep_verb(args)
+
+
 Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
 
 VERBS: list[Verb] = [
@@ -321,6 +334,7 @@ VERBS: list[Verb] = [
      run_quickstart),
     ("sizes", "list the model sizes", None, run_sizes),
     ("convert", "import or export reference and Hugging Face checkpoints", add_convert, run_convert),
+    ("sweep", "IsoFLOP scaling study: plan, run, fit and plot a sweep of MDM and ARM runs", add_sweep, run_sweep),
 ]
 
 

@@ -52,7 +52,15 @@ PAPER_SIZES: dict[str, tuple[int, int, int, int]] = {
 
 # Small shapes that train in minutes on a laptop CPU. Same family rules (f = 4 d).
 TINY_SIZES: dict[str, tuple[int, int, int, int]] = {
+    # A ladder that doubles the non-embedding count (2K .. 1M) for CPU scaling sweeps.
+    "tiny-2K": (1, 2, 12, 48),
+    "tiny-4K": (1, 2, 16, 64),
+    "tiny-8K": (2, 2, 16, 64),
+    "tiny-16K": (1, 2, 32, 128),
+    "tiny-33K": (2, 2, 32, 128),
+    "tiny-66K": (1, 2, 64, 256),
     "tiny-0.1M": (2, 2, 64, 256),
+    "tiny-262K": (4, 2, 64, 256),
     "tiny-0.4M": (2, 4, 128, 512),
     "tiny-0.8M": (4, 4, 128, 512),
     "tiny-1.2M": (6, 4, 128, 512),

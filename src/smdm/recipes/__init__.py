@@ -1,0 +1,1 @@
+"""Built-in sweep recipes (YAML), loaded by smdm.scaling.load_recipe."""
