@@ -245,6 +245,31 @@ def run_convert(args: argparse.Namespace) -> int:
     return run(args)
 
 
+# finetune and task (defined in smdm.tasks.commands)
+def add_finetune(parser: argparse.ArgumentParser) -> None:
+    from smdm.tasks.commands import add_finetune as add
+
+    add(parser)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from smdm.tasks.commands import run_finetune as run
+
+    return run(args)
+
+
+def add_task(parser: argparse.ArgumentParser) -> None:
+    from smdm.tasks.commands import add_task as add
+
+    add(parser)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from smdm.tasks.commands import run_task as run
+
+    return run(args)
+
+
 Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
 
 VERBS: list[Verb] = [
@@ -256,6 +281,9 @@ VERBS: list[Verb] = [
      run_quickstart),
     ("sizes", "list the model sizes", None, run_sizes),
     ("convert", "import or export reference and Hugging Face checkpoints", add_convert, run_convert),
+    ("finetune", "supervised fine-tuning of an MDM or an ARM on prompt/response pairs", add_finetune, run_finetune),
+    ("task", "downstream tasks: gsm8k-data, gsm8k, reversal, temporal, mt-bench-answer, mt-bench-judge", add_task,
+     run_task),
 ]
 
 
