@@ -197,3 +197,29 @@ def test_finetune_rejects_arm_prompt_dropout(tmp_path):
     with pytest.raises(ValueError, match="needs an MDM"):
         finetune(model, tokenizer, [PromptResponse("alpha", "beta")], tmp_path, FinetuneConfig(prompt_dropout=0.1,
                                                                                               seq_len=16))
+
+
+def test_finetune_cli_from_scratch(tmp_path):
+    from smdm.cli import main
+
+    data = shared_path("reversal_curse/reverse_experiments/june_version_7921032488/p2d_prompts_train.jsonl")
+    code = main(["finetune", "--data", str(data), "--response-field", "completion", "--train-on-prompt",
+                 "--out", str(tmp_path / "run"), "--kind", "mdm", "--model", "tiny-0.1M", "--vocab-size", "300",
+                 "--limit", "16", "--seq-len", "96", "--batch-size", "4", "--steps", "2", "--device", DEVICE])
+    assert code == 0
+    model, tokenizer, checkpoint = load_model(tmp_path / "run", DEVICE)
+    assert model.config.kind == "mdm"
+    assert tokenizer.vocab_size == 300
+    assert checkpoint.train_config["finetune"]["train_on_prompt"] is True
+    assert checkpoint.train_config["base"] == "scratch:tiny-0.1M"
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2
+
+
+def test_finetune_cli_missing_field(tmp_path, capsys):
+    from smdm.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n", encoding="utf-8")
+    assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--device", DEVICE]) == 2
+    assert "no field 'prompt'" in capsys.readouterr().err

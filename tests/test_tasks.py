@@ -385,3 +385,13 @@ def test_aggregate_scores_without_ratings():
     summary = aggregate_scores([{"category": "stem", "score": -1.0}])
     assert summary["overall"] is None
     assert summary["categories"]["stem"] == {"mean": None, "n": 0, "unparsed": 1}
+
+
+def test_gsm8k_data_cli_writes_two_rows(tmp_path):
+    source = shared_path("gsm8k/openai/train.jsonl")
+    out = tmp_path / "rows.jsonl"
+    assert main(["task", "gsm8k-data", "--input", str(source), "--out", str(out), "--limit", "3"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = [row for problem in read_problems(source, limit=3) for row in two_rows(problem)]
+    assert len(rows) == 6
+    assert [PromptResponse(row["prompt"], row["response"]) for row in rows] == expected
