@@ -58,8 +58,8 @@ def read_prompt_response(
 ) -> list[PromptResponse]:
     """Read prompt/response pairs from a JSONL file.
 
-    With chat=False each record holds the two texts under prompt_field and
-    response_field. With chat=True each record holds a "messages" list
+    With chat=False each record contains the two texts under prompt_field and
+    response_field. With chat=True each record contains a "messages" list
     ({"role", "content"}) or a "conversations" list ({"from", "value"}), and
     the first user turn with its reply is used. limit > 0 keeps the first
     `limit` pairs.
@@ -95,7 +95,7 @@ def read_prompt_response(
 
 @dataclass
 class SFTBatch:
-    """Token rows and the boolean masks (B, L) that say which positions are what."""
+    """Token rows and boolean masks (B, L) that mark the prompt, response and padding positions."""
 
     tokens: torch.Tensor
     prompt: torch.Tensor
@@ -144,7 +144,7 @@ def encode_pairs(tokenizer: Tokenizer, pairs: Sequence[PromptResponse], seq_len:
 def build_batch(
     prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], length: int, eos_id: int, kind: str
 ) -> SFTBatch:
-    """Lay out rows of `length` tokens (an ARM row holds length + 1: inputs and shifted targets)."""
+    """Lay out rows of `length` tokens (an ARM row has length + 1 tokens, inputs and shifted targets)."""
     width = length + 1 if kind == "arm" else length
     batch = len(prompts)
     tokens = torch.full((batch, width), eos_id, dtype=torch.long)
@@ -156,7 +156,7 @@ def build_batch(
         prompt_end = start + len(prompt)
         response_end = prompt_end + len(response) + 1  # the response's closing EOS
         if response_end > width:
-            raise ValueError(f"row {row} needs {response_end} tokens but the batch holds {width}; encode_pairs drops it")
+            raise ValueError(f"row {row} needs {response_end} tokens but rows are {width} long; filter pairs with encode_pairs")
         tokens[row, start:prompt_end] = torch.tensor(prompt, dtype=torch.long)
         tokens[row, prompt_end : response_end - 1] = torch.tensor(response, dtype=torch.long)
         prompt_mask[row, :prompt_end] = True

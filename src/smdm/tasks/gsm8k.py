@@ -130,7 +130,7 @@ def normalize_answer(text: str) -> str:
 
 
 def answers_equivalent(prediction: str | None, reference: str) -> bool:
-    """Whether two answers are the same number after normalisation, compared exactly with sympy.
+    """Return whether two answers are the same number after normalisation, compared exactly with sympy.
 
     "0.5", "1/2" and "2/4" are equal; so are "18" and "18.00". Non-numeric
     answers fall back to symbolic simplification, then to string equality.

@@ -54,9 +54,9 @@ def evaluate_reversal(
 ) -> dict:
     """Generate completions for each test split and score them.
 
-    With length_from_reference the canvas of each question holds as many new
-    tokens as its reference plus one (for EOS), which is what the MDM's fixed
-    canvas needs; the ARM stops at EOS either way.
+    With length_from_reference each question gets a canvas of its reference's
+    token count plus one (for EOS) new tokens, because the MDM fills a fixed
+    canvas. The ARM stops at EOS either way.
     """
     data_dir = Path(data_dir)
     results: dict = {"settings": sample_settings(config, guidance=guidance, length_from_reference=length_from_reference),

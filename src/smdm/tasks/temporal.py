@@ -1,8 +1,8 @@
 """Temporal shift: per-token loss of dated text grouped by period, MDM bound next to ARM perplexity.
 
-The MDM's number is the Monte Carlo NELBO over fixed windows, an upper bound
-on its perplexity; the ARM's is its exact perplexity on the same windows
-(plus one target token). Both are per token of the model's own tokenizer, so
+The MDM's number is the Monte Carlo NELBO over fixed windows, which bounds
+its perplexity from above. The ARM's number is its exact perplexity on the
+same windows (plus one target token). Both are per token of the model's own tokenizer, so
 models compare directly only when they share a tokenizer.
 """
 
