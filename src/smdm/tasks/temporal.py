@@ -108,6 +108,7 @@ def plot_periods(results: dict, path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     sources = list(results["sources"])
     figure, axes = plt.subplots(1, len(sources), figsize=(6 * len(sources), 4), squeeze=False)
@@ -120,6 +121,7 @@ def plot_periods(results: dict, path: str | Path) -> Path:
         axis.set_xlabel("period start (year)")
         axis.set_ylabel("perplexity (MDM: upper bound)")
         axis.set_yscale("log")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend()
     figure.tight_layout()
     path = Path(path)
