@@ -395,3 +395,27 @@ def test_gsm8k_data_cli_writes_two_rows(tmp_path):
     expected = [row for problem in read_problems(source, limit=3) for row in two_rows(problem)]
     assert len(rows) == 6
     assert [PromptResponse(row["prompt"], row["response"]) for row in rows] == expected
+
+
+def test_temporal_cli_writes_table_and_plot(tmp_path):
+    from smdm.checkpoint import save_checkpoint
+
+    records = [{"year": year, "text": f"In {year} the union is strong and the state is sound. " * 6}
+               for year in (1801, 1825, 1990)]
+    (tmp_path / "sotu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    model, tokenizer = _tiny_with_tokenizer("mdm", [r["text"] for r in records], block_size=32)
+    arm = tiny_model("arm", vocab_size=tokenizer.vocab_size, block_size=32)
+    save_checkpoint(tmp_path / "a" / "run", model, tokenizer)
+    save_checkpoint(tmp_path / "b" / "run", arm, tokenizer)
+    code = main(["task", "temporal", "--checkpoint", str(tmp_path / "a" / "run"), "--checkpoint",
+                 str(tmp_path / "b" / "run"), "--data", str(tmp_path), "--source", "sotu", "--period-years", "50",
+                 "--seq-len", "16", "--max-windows", "2", "--mc-samples", "2", "--out", str(tmp_path / "out"),
+                 "--device", DEVICE])
+    assert code == 0
+    results = json.loads((tmp_path / "out" / "temporal.json").read_text())
+    models = results["sources"]["sotu"]
+    assert sorted(models) == ["run", "run-2"]  # same folder name, kept apart
+    assert [models[name]["kind"] for name in ("run", "run-2")] == ["mdm", "arm"]
+    assert [row["period"] for row in models["run"]["periods"]] == [1800, 1950]
+    assert (tmp_path / "out" / "temporal.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| run-2 | arm | 1950 |" in (tmp_path / "out" / "temporal.md").read_text()

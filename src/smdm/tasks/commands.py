@@ -241,6 +241,8 @@ def _run_temporal(args: argparse.Namespace) -> int:
         model, tokenizer, loaded = _load(args, checkpoint)
         seq_len = args.seq_len or loaded.train_config.get("seq_len") or model.config.block_size
         name = Path(checkpoint).name if (Path(checkpoint) / "checkpoints").is_dir() else str(loaded.folder.name)
+        if any(name in models for models in results["sources"].values()):
+            name = f"{name}-{len(results['sources'][sources[0]]) + 1}"  # two runs with the same folder name
         for source in sources:
             rows = evaluate_periods(model, tokenizer, texts[source], seq_len=seq_len, max_windows=args.max_windows,
                                     mc_samples=args.mc_samples, batch_size=args.batch_size, seed=args.seed)
