@@ -322,6 +322,31 @@ def run_sweep(args: argparse.Namespace) -> int:
     return run_sweep_verb(args)
 
 
+# finetune and task (defined in smdm.tasks.commands)
+def add_finetune(parser: argparse.ArgumentParser) -> None:
+    from smdm.tasks.commands import add_finetune as add
+
+    add(parser)
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from smdm.tasks.commands import run_finetune as run
+
+    return run(args)
+
+
+def add_task(parser: argparse.ArgumentParser) -> None:
+    from smdm.tasks.commands import add_task as add
+
+    add(parser)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from smdm.tasks.commands import run_task as run
+
+    return run(args)
+
+
 Verb = tuple[str, str, Callable[[argparse.ArgumentParser], None] | None, Callable[[argparse.Namespace], int]]
 
 VERBS: list[Verb] = [
@@ -335,6 +360,9 @@ VERBS: list[Verb] = [
     ("sizes", "list the model sizes", None, run_sizes),
     ("convert", "import or export reference and Hugging Face checkpoints", add_convert, run_convert),
     ("sweep", "IsoFLOP scaling study: plan, run, fit and plot a sweep of MDM and ARM runs", add_sweep, run_sweep),
+    ("finetune", "supervised fine-tuning of an MDM or an ARM on prompt/response pairs", add_finetune, run_finetune),
+    ("task", "downstream tasks: gsm8k-data, gsm8k, reversal, temporal, mt-bench-answer, mt-bench-judge", add_task,
+     run_task),
 ]
 
 

@@ -1,0 +1,96 @@
+"""The reversal curse (Berglund et al., arXiv 2309.12288): facts trained in one direction, asked in both.
+
+The data are fictitious name/description facts. "p2d" facts were trained as
+name then description, "d2p" facts as description then name. Each test file
+asks either in the trained direction or in the reversed one. A generation is
+an exact match when the reference completion appears in it; BLEU comes from
+sacrebleu.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import sacrebleu
+
+from smdm.data.tokenizer import Tokenizer
+from smdm.generate import SampleConfig
+from smdm.model import Transformer
+from smdm.tasks.common import generate_texts, read_jsonl, sample_settings
+
+TRAIN_FILE = "all_prompts_train.jsonl"
+# split name -> (test file, question direction, whether it is the direction the fact was trained in)
+TEST_SPLITS = {
+    "p2d_same": ("p2d_prompts_test.jsonl", "name to description", True),
+    "p2d_reversed": ("p2d_reverse_prompts_test.jsonl", "description to name", False),
+    "d2p_same": ("d2p_prompts_test.jsonl", "description to name", True),
+    "d2p_reversed": ("d2p_reverse_prompts_test.jsonl", "name to description", False),
+}
+
+
+def reversal_metrics(outputs: Sequence[str], references: Sequence[str]) -> dict:
+    """Return exact match (share of outputs that contain their stripped reference) and corpus BLEU (0-100)."""
+    if len(outputs) != len(references):
+        raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
+    if not outputs:
+        raise ValueError("no outputs to score")
+    matches = [reference.strip() in output for output, reference in zip(outputs, references)]
+    bleu = sacrebleu.corpus_bleu([output.strip() for output in outputs], [[ref.strip() for ref in references]])
+    return {"exact_match": sum(matches) / len(matches), "bleu": bleu.score, "n": len(outputs)}
+
+
+def evaluate_reversal(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    data_dir: str | Path,
+    config: SampleConfig,
+    *,
+    splits: Sequence[str] = tuple(TEST_SPLITS),
+    limit: int = 0,
+    length_from_reference: bool = True,
+    guidance: float = 0.0,
+    batch_size: int = 32,
+) -> dict:
+    """Generate completions for each test split and score them.
+
+    With length_from_reference each question gets a canvas of its reference's
+    token count plus one (for EOS) new tokens, because the MDM fills a fixed
+    canvas. The ARM stops at EOS either way.
+    """
+    data_dir = Path(data_dir)
+    results: dict = {"settings": sample_settings(config, guidance=guidance, length_from_reference=length_from_reference),
+                     "splits": {}}
+    for split in splits:
+        if split not in TEST_SPLITS:
+            raise ValueError(f"unknown reversal split {split!r}; choose from {sorted(TEST_SPLITS)}")
+        file, direction, trained = TEST_SPLITS[split]
+        records = read_jsonl(data_dir / file)
+        if limit:
+            records = records[:limit]
+        prompts = [record["prompt"] for record in records]
+        references = [record["completion"] for record in records]
+        lengths = None
+        if length_from_reference:
+            lengths = [len(tokenizer.encode(reference)) + 1 for reference in references]
+        outputs = generate_texts(model, tokenizer, prompts, config, guidance=guidance, max_new_tokens=lengths,
+                                 batch_size=batch_size)
+        metrics = reversal_metrics(outputs, references)
+        metrics.update(direction=direction, trained_direction=trained, file=file)
+        results["splits"][split] = metrics
+        results.setdefault("examples", {})[split] = [
+            {"prompt": p, "reference": r, "output": o} for p, r, o in list(zip(prompts, references, outputs))[:5]
+        ]
+    return results
+
+
+def report_markdown(results: dict, checkpoint: str) -> str:
+    lines = [
+        "# Reversal curse", "", f"Checkpoint: `{checkpoint}`", "",
+        "| split | question | trained direction | n | exact match | BLEU |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for split, metrics in results["splits"].items():
+        lines.append(f"| {split} | {metrics['direction']} | {'yes' if metrics['trained_direction'] else 'no'} | "
+                     f"{metrics['n']} | {metrics['exact_match']:.3f} | {metrics['bleu']:.2f} |")
+    return "\n".join(lines)
