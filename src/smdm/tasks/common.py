@@ -16,33 +16,6 @@ from smdm.model import Transformer
 from smdm.sampling_api import encode_prompt
 
 
-class _GuidedMDM(torch.nn.Module):
-    """An MDM whose logits are classifier-free guided: l = l_u + (w + 1)(l_c - l_u).
-
-    l_c comes from the canvas as given and l_u from the same canvas with the
-    first prompt_len positions replaced by the mask id (unsupervised CFG, Nie
-    et al., arXiv 2410.18514). Both passes run as one batch of 2B rows.
-    """
-
-    # TODO: switch to smdm.guidance.cfg_logits and the sampler's own guidance once they exist.
-
-    def __init__(self, model: Transformer, prompt_len: int, scale: float) -> None:
-        super().__init__()
-        if model.config.mask_id is None:
-            raise ValueError("classifier-free guidance needs an MDM; use a guidance scale of 0 for an ARM")
-        self.model = model
-        self.config = model.config
-        self.prompt_len = prompt_len
-        self.scale = scale
-
-    def forward(self, canvas: torch.Tensor, **kwargs) -> torch.Tensor:
-        unconditional = canvas.clone()
-        unconditional[:, : self.prompt_len] = self.config.mask_id
-        logits = self.model(torch.cat([canvas, unconditional]), **kwargs)  # (2B, L, V)
-        conditional, unconditional_logits = logits.float().chunk(2)
-        return unconditional_logits + (self.scale + 1.0) * (conditional - unconditional_logits)
-
-
 def generate_texts(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -55,25 +28,26 @@ def generate_texts(
 ) -> list[str]:
     """Generate one continuation per prompt; return the decoded texts in prompt order.
 
-    Prompts are grouped by encoded length (and by max_new_tokens when given per
-    prompt), because one batch of generate() shares a prompt length.
+    Prompts of different lengths share batches (generate() pads them); prompts
+    are grouped only by max_new_tokens when it is given per prompt. A guidance
+    scale above 0 turns on the sampler's unsupervised classifier-free guidance.
     """
     if guidance and not model.config.is_mdm:
         raise ValueError(f"guidance scale {guidance} needs an MDM; use 0 for an ARM")
-    device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt, model.config.kind) for prompt in prompts]
     lengths = list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * len(prompts)
-    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for index, (ids, new_tokens) in enumerate(zip(encoded, lengths)):
-        groups[(len(ids), new_tokens)].append(index)
+    groups: dict[int, list[int]] = defaultdict(list)
+    for index, new_tokens in enumerate(lengths):
+        groups[new_tokens].append(index)
     texts: list[str] = [""] * len(prompts)
-    for (prompt_len, new_tokens), members in sorted(groups.items()):
-        group_config = replace(config, max_new_tokens=new_tokens)
-        sampler = _GuidedMDM(model, prompt_len, guidance) if guidance else model
+    for new_tokens, members in sorted(groups.items()):
+        group_config = replace(config, max_new_tokens=new_tokens, cfg=guidance)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
-            batch = torch.tensor([encoded[i] for i in chunk], dtype=torch.long, device=device)
-            for index, row in zip(chunk, generate(sampler, batch, group_config, eos_id=tokenizer.eos_id)):
+            # A seed per prompt, so a prompt's output does not depend on the batch it lands in.
+            rows = generate(model, [encoded[i] for i in chunk], group_config, eos_id=tokenizer.eos_id,
+                            pad_id=tokenizer.pad_id, row_seeds=[config.seed + i for i in chunk])
+            for index, row in zip(chunk, rows):
                 texts[index] = tokenizer.decode(row)
     return texts
 
