@@ -138,9 +138,21 @@ def test_gsm8k_two_stage_grades_outputs():
     config = SampleConfig(max_new_tokens=6, steps=3, temperature=0.0, sampler="low_confidence")
     results = evaluate_two_stage(model, tokenizer, problems, config, config, reasoning_guidance=0.5)
     assert results["summary"]["n"] == 2
+    assert results["summary"]["skipped"] == 0
     assert results["settings"]["reasoning"]["guidance"] == 0.5
     for record in results["records"]:
         assert record["correct"] == answers_equivalent(extract_answer("#### " + record["output"]), record["reference"])
+
+
+def test_gsm8k_skips_problems_too_long_for_context():
+    model, tokenizer = _tiny_with_tokenizer("mdm", ["Tom has 3 apples #### 3 and 4"] * 10, block_size=40)
+    long_question = "Tom has 3 apples and 4 apples and " * 6 + "how many?"
+    problems = [Problem(long_question, "7", "7"), Problem("2 + 2?", "4", "4")]
+    config = SampleConfig(max_new_tokens=6, steps=3, temperature=0.0, sampler="low_confidence")
+    results = evaluate_two_stage(model, tokenizer, problems, config, config)
+    assert results["summary"]["skipped"] == 1
+    assert results["summary"]["n"] == 1
+    assert [record["question"] for record in results["records"]] == ["2 + 2?"]
 
 
 # Reversal curse

@@ -11,6 +11,7 @@ its own guidance scale.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -24,7 +25,10 @@ from smdm.data.sft import PromptResponse
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
+from smdm.sampling_api import encode_prompt
 from smdm.tasks.common import generate_texts, read_jsonl, sample_settings
+
+log = logging.getLogger(__name__)
 
 ANSWER_MARK = "####"
 # Calculator annotations of the original GSM8K solutions, e.g. "<<48/2=24>>".
@@ -169,7 +173,21 @@ def evaluate_two_stage(
     answer_guidance: float = 0.0,
     batch_size: int = 16,
 ) -> dict:
-    """Generate reasoning, then the answer, for each problem and grade it against the reference."""
+    """Generate reasoning, then the answer, for each problem and grade it against the reference.
+
+    A problem whose question leaves no room in the model's context for both
+    generation stages is skipped, counted in the summary as `skipped`, and
+    left out of the accuracy.
+    """
+    limit = model.config.block_size
+    budget = reasoning_config.max_new_tokens + answer_config.max_new_tokens
+    fits = [len(encode_prompt(tokenizer, answer_prompt(p.question, ""), model.config.kind)) + budget <= limit
+            for p in problems]
+    skipped = [p for p, ok in zip(problems, fits) if not ok]
+    problems = [p for p, ok in zip(problems, fits) if ok]
+    if skipped:
+        log.warning("skipping %d of %d problems whose question plus %d new tokens exceeds the context of %d tokens",
+                    len(skipped), len(skipped) + len(problems), budget, limit)
     reasoning = generate_texts(model, tokenizer, [reasoning_prompt(p.question) for p in problems], reasoning_config,
                                guidance=reasoning_guidance, batch_size=batch_size)
     # A model may write the answer mark itself in stage 1; the reasoning before it is kept.
@@ -186,6 +204,7 @@ def evaluate_two_stage(
             "correct": answers_equivalent(prediction, problem.answer),
         })
     summary = accuracy_with_stderr([record["correct"] for record in records])
+    summary["skipped"] = len(skipped)
     settings = {
         "reasoning": sample_settings(reasoning_config, guidance=reasoning_guidance),
         "answer": sample_settings(answer_config, guidance=answer_guidance),
@@ -201,9 +220,9 @@ def report_markdown(results: dict, checkpoint: str) -> str:
         "",
         f"Checkpoint: `{checkpoint}`",
         "",
-        "| problems | accuracy | stderr |",
-        "|---:|---:|---:|",
-        f"| {summary['n']} | {summary['accuracy']:.4f} | {summary['stderr']:.4f} |",
+        "| problems | skipped (too long) | accuracy | stderr |",
+        "|---:|---:|---:|---:|",
+        f"| {summary['n']} | {summary.get('skipped', 0)} | {summary['accuracy']:.4f} | {summary['stderr']:.4f} |",
         "",
         f"Stage 1 (reasoning): {json.dumps(settings['reasoning'])}",
         "",
