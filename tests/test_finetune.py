@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import shared_path, tiny_model
 
+import smdm.finetune
 from smdm.checkpoint import load_model
 from smdm.data.sft import PromptResponse, build_batch, encode_pairs, read_prompt_response
 from smdm.data.tokenizer import train_bpe
@@ -189,6 +190,41 @@ def test_finetune_real_pairs_and_reload(tmp_path, kind):
     assert reloaded_tokenizer.identity == tokenizer.identity
     for name, tensor in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+def test_finetune_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    pairs = read_prompt_response(shared_path("chat_sft/dolly15k_prompt_response.jsonl"), limit=40)
+    tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), 400)
+    config = FinetuneConfig(seq_len=128, batch_size=4, steps=8, lr=3e-3, precision="fp32", log_interval=1,
+                            checkpoint_interval=3, prompt_dropout=0.1)
+    straight = finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
+                        tmp_path / "straight", config)
+
+    # Interrupt the run at step 4, after its step-3 checkpoint, then resume it to the end.
+    original_indices = smdm.finetune.batch_indices
+
+    def interrupted_indices(n, batch_size, step, seed):
+        if step == 4:
+            raise KeyboardInterrupt
+        return original_indices(n, batch_size, step, seed)
+
+    monkeypatch.setattr(smdm.finetune, "batch_indices", interrupted_indices)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
+                 tmp_path / "resumed", config)
+    monkeypatch.setattr(smdm.finetune, "batch_indices", original_indices)
+    model = tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        finetune(model, tokenizer, pairs, tmp_path / "resumed", config)
+    resumed = finetune(model, tokenizer, pairs, tmp_path / "resumed", config, resume=True)
+
+    assert resumed.losses == straight.losses[3:]
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 9))
+    final_straight = load_model(tmp_path / "straight")[0].state_dict()
+    final_resumed = load_model(tmp_path / "resumed")[0].state_dict()
+    for name, tensor in final_straight.items():
+        assert torch.equal(final_resumed[name], tensor), name
 
 
 def test_finetune_rejects_arm_prompt_dropout(tmp_path):

@@ -33,7 +33,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smdm.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, load_model, save_checkpoint, write_text_atomically
+from smdm.checkpoint import (
+    CHECKPOINTS_DIR,
+    LATEST_FILE,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+    write_text_atomically,
+)
 from smdm.config import ModelConfig, TrainConfig
 from smdm.data.sft import PromptResponse, SFTBatch, build_batch, encode_pairs
 from smdm.data.tokenizer import Tokenizer
@@ -71,7 +78,7 @@ class FinetuneConfig:
     precision: str = "auto"
     device: str = "auto"
     log_interval: int = 10
-    checkpoint_interval: int = 0
+    checkpoint_interval: int = 200
     """Steps between checkpoints; 0 writes only the final one."""
 
     def __post_init__(self) -> None:
@@ -201,8 +208,14 @@ def finetune(
     config: FinetuneConfig,
     *,
     base: str = "",
+    resume: bool = False,
 ) -> FinetuneResult:
-    """Fine-tune `model` in place on pairs and write checkpoints and metrics under `out`."""
+    """Fine-tune `model` in place on pairs and write checkpoints and metrics under `out`.
+
+    With resume, a run folder that already has a checkpoint continues from it:
+    batches and noise are keyed by (seed, step), so the resumed losses equal
+    those of an uninterrupted run.
+    """
     device = next(model.parameters()).device
     kind = model.config.kind
     if kind == "arm" and config.prompt_dropout:
@@ -216,11 +229,11 @@ def finetune(
         log.warning("skipped %d of %d pairs longer than seq_len=%d", encoded.skipped, len(pairs), config.seq_len)
     run_dir = Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / METRICS_FILE).write_text("", encoding="utf-8")
     precision = resolve_precision(config.precision, device)
     schedule = TrainConfig(lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
                            grad_clip=config.grad_clip)
     optimizer = build_optimizer(model, schedule, device)
+    start_step = _resume_or_start(run_dir, model, optimizer, resume)
     train_config = {"seq_len": config.seq_len, "finetune": asdict(config), "base": base,
                     "examples": len(encoded.prompts), "skipped": encoded.skipped}
     model.train()
@@ -233,7 +246,7 @@ def finetune(
                         trainer_state={"step": step, "total_steps": config.steps}, train_config=train_config)
         write_text_atomically(run_dir / CHECKPOINTS_DIR / LATEST_FILE, name)
 
-    for step in range(config.steps):
+    for step in range(start_step, config.steps):
         rows = batch_indices(len(encoded.prompts), config.batch_size, step, config.seed)
         batch = build_batch([encoded.prompts[i] for i in rows], [encoded.responses[i] for i in rows],
                             config.seq_len, tokenizer.eos_id, kind).to(device)
@@ -264,6 +277,36 @@ def finetune(
             log.info("step %d/%d loss %.4f lr %.2e", step + 1, config.steps, value, lr)
         if config.checkpoint_interval and (step + 1) % config.checkpoint_interval == 0 and step + 1 < config.steps:
             save(step + 1)
-    save(config.steps)
+    if start_step < config.steps:
+        save(config.steps)
     model.eval()
-    return FinetuneResult(run_dir, config.steps, len(encoded.prompts), encoded.skipped, losses[-1], losses)
+    final_loss = losses[-1] if losses else float("nan")
+    return FinetuneResult(run_dir, config.steps, len(encoded.prompts), encoded.skipped, final_loss, losses)
+
+
+def _resume_or_start(run_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, resume: bool) -> int:
+    """Load the latest checkpoint of run_dir into model and optimizer when resuming; return the first step."""
+    metrics = run_dir / METRICS_FILE
+    if not (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file():
+        metrics.write_text("", encoding="utf-8")
+        return 0
+    if not resume:
+        raise FileExistsError(
+            f"{run_dir} already contains a fine-tuning run; pass --resume to continue it or choose another --out"
+        )
+    checkpoint = read_checkpoint(run_dir)
+    if checkpoint.model_config != model.config:
+        raise ValueError(
+            f"cannot resume {checkpoint.folder}: its model config {checkpoint.model_config.to_dict()} differs from "
+            "the model being fine-tuned; resume with the same starting point"
+        )
+    model.load_state_dict(checkpoint.weights())
+    optimizer.load_state_dict(checkpoint.optimizer_state())
+    step = checkpoint.trainer_state["step"]
+    # Rows written after the checkpoint are written again by the resumed steps.
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line and json.loads(line)["step"] <= step]
+        write_text_atomically(metrics, "".join(line + "\n" for line in kept))
+    log.info("resumed fine-tuning from %s at step %d", checkpoint.folder, step)
+    return step

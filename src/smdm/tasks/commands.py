@@ -46,7 +46,9 @@ def add_finetune(parser: argparse.ArgumentParser) -> None:
                        help="leave the EOS padding after the response's closing EOS out of the loss")
     group.add_argument("--train-on-prompt", action="store_true",
                        help="noise (MDM) and score the prompt too, so the whole row is training text")
-    group.add_argument("--checkpoint-interval", type=int, default=0, help="steps between checkpoints (0: final only)")
+    group.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval,
+                       help="steps between checkpoints (0: final only)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     group.add_argument("--log-interval", type=int, default=defaults.log_interval)
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
@@ -77,7 +79,7 @@ def run_finetune(args: argparse.Namespace) -> int:
             tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), args.vocab_size)
     model, tokenizer, base = initial_model(args.checkpoint, device, tokenizer=tokenizer, size=args.model,
                                            kind=args.kind, block_size=args.seq_len, seed=args.seed)
-    result = finetune(model, tokenizer, pairs, args.out, config, base=base)
+    result = finetune(model, tokenizer, pairs, args.out, config, base=base, resume=args.resume)
     print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "examples": result.examples,
                       "skipped": result.skipped, "final_loss": result.final_loss}, indent=2))
     return 0
