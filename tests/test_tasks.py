@@ -16,10 +16,11 @@ from conftest import shared_path, tiny_model
 from scipy import stats
 
 from smdm.cli import main
+from smdm.data.corpus import read_jsonl
 from smdm.data.sft import PromptResponse
 from smdm.data.tokenizer import train_bpe
 from smdm.generate import SampleConfig
-from smdm.tasks.common import generate_texts, read_jsonl
+from smdm.tasks.common import generate_texts
 from smdm.tasks.gsm8k import (
     Problem,
     accuracy_with_stderr,

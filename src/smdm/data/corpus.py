@@ -38,6 +38,22 @@ def read_text_file(path: Path) -> str:
         ) from error
 
 
+def read_jsonl(path: str | Path) -> list:
+    """Read each non-empty line of a UTF-8 JSONL file as one JSON value; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"file not found: {path}")
+    records = []
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number} is not valid JSON ({error.msg}); each line must be one JSON object") from error
+    return records
+
+
 def iter_jsonl(path: Path, text_field: str) -> Iterator[Document]:
     """Yield the `text_field` of every record of a JSONL file."""
     for number, line in enumerate(read_text_file(path).splitlines(), start=1):

@@ -35,6 +35,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from smdm.data.corpus import read_jsonl
+
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_ENV = "SMDM_BENCHMARK_DATA"
 
@@ -71,18 +73,6 @@ def task_file(task: str, data_dir: str | Path | None = None, path: str | Path | 
             f"or pass the file with {task}_file"
         )
     return file
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: invalid JSON ({error})") from None
-    return records
 
 
 def _dataset(task: str, docs: list[dict]) -> dict:

@@ -258,7 +258,7 @@ def _run_temporal(args: argparse.Namespace) -> int:
 
 
 def _run_mt_bench_answer(args: argparse.Namespace) -> int:
-    from smdm.tasks.common import read_jsonl
+    from smdm.data.corpus import read_jsonl
     from smdm.tasks.mt_bench import answer_settings, generate_answers, write_answers
 
     model, tokenizer, loaded = _load(args, args.checkpoint)
@@ -275,7 +275,8 @@ def _run_mt_bench_answer(args: argparse.Namespace) -> int:
 
 
 def _run_mt_bench_judge(args: argparse.Namespace) -> int:
-    from smdm.tasks.common import read_jsonl, write_results
+    from smdm.data.corpus import read_jsonl
+    from smdm.tasks.common import write_results
     from smdm.tasks.mt_bench import (
         JudgeClient, JudgeError, aggregate_scores, judge_answers, read_judge_prompts, report_markdown,
     )

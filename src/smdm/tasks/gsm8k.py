@@ -21,12 +21,13 @@ from pathlib import Path
 import sympy
 from sympy.parsing.sympy_parser import parse_expr
 
+from smdm.data.corpus import read_jsonl
 from smdm.data.sft import PromptResponse
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
 from smdm.sampling_api import encode_prompt
-from smdm.tasks.common import generate_texts, read_jsonl, sample_settings
+from smdm.tasks.common import generate_texts, sample_settings
 
 log = logging.getLogger(__name__)
 

@@ -26,10 +26,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smdm.data.corpus import read_jsonl
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
-from smdm.tasks.common import generate_texts, read_jsonl, sample_settings
+from smdm.tasks.common import generate_texts, sample_settings
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import sacrebleu
 
+from smdm.data.corpus import read_jsonl
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
-from smdm.tasks.common import generate_texts, read_jsonl, sample_settings
+from smdm.tasks.common import generate_texts, sample_settings
 
 TRAIN_FILE = "all_prompts_train.jsonl"
 # split name -> (test file, question direction, whether it is the direction the fact was trained in)
