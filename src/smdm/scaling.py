@@ -384,16 +384,20 @@ def run_sweep(
         report.failed[run["id"]] = f"{type(error).__name__}: {error}"
         log.error("run %s failed: %s", run["id"], report.failed[run["id"]])
 
+    def finish(run: dict, result) -> bool:
+        """Record the outcome of result() for one run; return True when the sweep must stop (an interrupted run)."""
+        try:
+            row = result()
+        except Exception as error:  # noqa: BLE001 (any failure of one run is recorded, see fail)
+            fail(run, error)
+            return False
+        record(run, row)
+        return row is None
+
     if jobs == 1:
         for run in pending:
             log.info("training %s (%d steps)", run["id"], run["steps"])
-            try:
-                row = train_one(*arguments(run))
-            except Exception as error:  # noqa: BLE001 (any failure of one run is recorded, see fail)
-                fail(run, error)
-                continue
-            record(run, row)
-            if row is None:
+            if finish(run, lambda: train_one(*arguments(run))):
                 break
         return report
 
@@ -405,14 +409,7 @@ def run_sweep(
             log.info("queueing %s (%d steps)", run["id"], run["steps"])
             futures[pool.submit(train_one, *arguments(run))] = run
         for future in concurrent.futures.as_completed(futures):
-            run = futures[future]
-            try:
-                row = future.result()
-            except Exception as error:  # noqa: BLE001 (any failure of one run is recorded, see fail)
-                fail(run, error)
-                continue
-            record(run, row)
-            if row is None:
+            if finish(futures[future], future.result):
                 break
     except KeyboardInterrupt:
         # Ctrl-C reaches the workers too: each saves a checkpoint at the end of its step.
