@@ -37,7 +37,7 @@ from smdm.train import build_optimizer, draw_step_noise
 
 
 def full_head_mdm_loss(model, x, t, noise, mask_id, eps):
-    """The reference scheme: logits at every position, cross-entropy of the masked ones, weighted by 1 / p."""
+    """Compute the MDM loss as the reference code does: logits at every position, masked CE weighted by 1 / p."""
     p = masking_probability(t, eps)[:, None]
     noisy, mask = apply_mask(x, p, mask_id, noise)
     logits = model(noisy)  # (B, L, V)

@@ -9,7 +9,7 @@ from conftest import tiny_model
 from smdm.config import PAPER_SIZES, TINY_SIZES, ModelConfig
 from smdm.model import Transformer
 
-# Non-embedding counts as published in the paper's table of configurations.
+# Non-embedding counts from the configuration table of Nie et al., arXiv 2410.18514.
 PUBLISHED_COUNTS = {
     "6M": 6_294_784, "19M": 18_880_896, "34M": 33_563_136, "48M": 47_786_688, "66M": 65_549_440,
     "75M": 75_387_520, "85M": 85_214_080, "113M": 113_265_408, "142M": 141_581_568, "170M": 169_897_728,

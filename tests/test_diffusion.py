@@ -35,7 +35,7 @@ def test_mdm_loss_matches_formula_on_fixed_mask():
     assert abs(loss - expected) < 1e-5
 
 
-def test_apply_mask_uses_mask_id_only_where_noise_below_p():
+def test_apply_mask_below_noise_threshold():
     x = torch.arange(8)[None]
     noise = torch.tensor([[0.1, 0.9, 0.3, 0.7, 0.5, 0.05, 0.95, 0.45]])
     noisy, mask = apply_mask(x, torch.tensor([[0.5]]), 99, noise)

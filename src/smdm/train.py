@@ -1,9 +1,9 @@
 """Training loop for MDMs and ARMs: budget, schedule, accumulation, validation and checkpoints.
 
-Randomness is keyed by (seed, step): the batch windows, the diffusion times,
+Randomness is keyed by (seed, step). The batch windows, the diffusion times,
 the masking noise and the stochastic-length cut of step s are the same whether
-the run went straight through or was resumed, so a resumed run reproduces the
-uninterrupted loss curve exactly on CPU.
+or not the run was resumed, so a resumed run reproduces the uninterrupted loss
+curve exactly on CPU.
 
 Under torch.distributed every process draws the same global batch and noise
 and trains on its own contiguous block of rows (see smdm.distributed), so the

@@ -1,7 +1,7 @@
 """Text sources: plain-text files and folders, JSONL files, and the default corpus.
 
 Every source yields documents (strings). Bad input raises a ValueError or
-FileNotFoundError that names the file and says what to change.
+FileNotFoundError that names the file and the fix.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 
 
 def smallest_dtype(vocab_size: int) -> np.dtype:
-    """Return the smallest unsigned integer dtype that holds ids 0 .. vocab_size - 1."""
+    """Return the smallest unsigned integer dtype that fits ids 0 .. vocab_size - 1."""
     for dtype in (np.uint8, np.uint16, np.uint32):
         if vocab_size - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)

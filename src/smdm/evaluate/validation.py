@@ -1,8 +1,8 @@
 """Validation loss on a prepared split: the MDM's NELBO bound and the ARM's exact cross-entropy.
 
 Both are in nats per token. The MDM's value is a Monte Carlo estimate of an
-upper bound on the negative log-likelihood per token; with a fixed seed and
-draw count it is the same number every time, so runs can be compared.
+upper bound on the negative log-likelihood per token. A fixed seed and draw
+count make it the same number every time, so runs can be compared.
 """
 
 from __future__ import annotations
