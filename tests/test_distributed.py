@@ -1,9 +1,10 @@
 """Multi-process training on CPU with gloo: two processes must train exactly like one.
 
 Two processes are started once per module with torch.multiprocessing (a file
-store, no network port) and train the same tiny run with DDP and with FSDP2.
-Their metrics, checkpoints and the rows each rank read are compared with a
-single-process run in this process.
+store, no network port) and train the same tiny run with DDP and with FSDP2,
+then fine-tune on prompt/response pairs with both. Their metrics, checkpoints
+and the rows each rank read are compared with a single-process run in this
+process.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ import smdm.train
 from smdm.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE
 from smdm.config import ModelConfig, TrainConfig
 from smdm.data.shards import TokenData, prepare
-from smdm.distributed import local_micro_batch, rows_of_rank
+from smdm.data.sft import read_prompt_response
+from smdm.data.tokenizer import Tokenizer, train_bpe
+from smdm.distributed import local_micro_batch, rows_of_rank, setup_distributed
+from smdm.finetune import FinetuneConfig, finetune
+from smdm.model import Transformer
 from smdm.train import Trainer
 
 WORLD_SIZE = 2
@@ -48,6 +53,15 @@ STRATEGY_RUNS = {
     "ddp": ("mdm", {"strategy": "ddp"}),
     "fsdp": ("mdm", {"strategy": "fsdp", "activation_checkpointing": True}),
     "fsdp-arm": ("arm", {"strategy": "fsdp"}),
+}
+# Fine-tuning: 8 rows per step, each rank's 4 in micro-batches of 2. The single process takes all 8 at once.
+SFT_SEQ_LEN = 64
+SFT = {"seq_len": SFT_SEQ_LEN, "batch_size": 8, "micro_batch": 2, "steps": 3, "lr": 3e-3, "precision": "fp32",
+       "log_interval": 1, "checkpoint_interval": 0, "device": "cpu"}
+# name -> (model kind, strategy, FinetuneConfig options)
+SFT_RUNS = {
+    "sft-ddp": ("mdm", "ddp", {"prompt_dropout": 0.25}),
+    "sft-fsdp-arm": ("arm", "fsdp", {}),
 }
 
 
@@ -79,7 +93,23 @@ def install_spies(record: list[dict], on_read=None) -> None:
     smdm.train.mdm_loss = spy_mdm_loss
 
 
-def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str) -> None:
+def sft_model(kind: str, tokenizer: Tokenizer) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(ModelConfig.from_name(MODEL, kind=kind, vocab_size=tokenizer.vocab_size,
+                                             block_size=SFT_SEQ_LEN))
+
+
+def run_sft(name: str, sft_dir: Path, out: Path, micro_batch: int, context=None) -> list[float]:
+    """Fine-tune run `name` of SFT_RUNS into out and return its losses."""
+    kind, _, options = SFT_RUNS[name]
+    tokenizer = Tokenizer.load(sft_dir / "tokenizer.json")
+    pairs = read_prompt_response(sft_dir / "pairs.jsonl")
+    config = FinetuneConfig(**dict(SFT, micro_batch=micro_batch, **options))
+    model = sft_model(kind, tokenizer).to(context.device if context else "cpu")
+    return finetune(model, tokenizer, pairs, out, config, context=context).losses
+
+
+def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str, sft_dir: str) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -108,6 +138,11 @@ def distributed_worker(rank: int, store_path: str, data_dir: str, out_dir: str) 
         with contextlib.suppress(KeyboardInterrupt):  # fit raises it after the stop checkpoint
             trainer.fit()
         (Path(out_dir) / f"stop-rank{rank}.json").write_text(json.dumps({"steps": trainer.step}))
+
+        for name, (_, strategy, _) in SFT_RUNS.items():
+            losses = run_sft(name, Path(sft_dir), Path(out_dir) / name, SFT["micro_batch"],
+                             setup_distributed("cpu", strategy))
+            (Path(out_dir) / f"{name}-rank{rank}.json").write_text(json.dumps({"losses": losses}))
     finally:
         smdm.train.read_windows, smdm.train.mdm_loss = READ_WINDOWS, MDM_LOSS
         dist.destroy_process_group()
@@ -156,13 +191,32 @@ def single_run(single_runs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(data_dir, tmp_path_factory) -> dict:
+def sft_dir(tmp_path_factory) -> Path:
+    """Real prompt/response pairs and a BPE trained on them, as files every process reads."""
+    from conftest import shared_path
+
+    folder = tmp_path_factory.mktemp("sft")
+    pairs = read_prompt_response(shared_path("chat_sft/dolly15k_prompt_response.jsonl"), limit=60)
+    tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), 300)
+    tokenizer.save(folder)
+    with open(folder / "pairs.jsonl", "w", encoding="utf-8") as handle:
+        for pair in pairs:
+            handle.write(json.dumps({"prompt": pair.prompt, "response": pair.response}) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(data_dir, sft_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("two")
-    mp.spawn(distributed_worker, args=(str(out / "store"), str(data_dir), str(out)), nprocs=WORLD_SIZE)
+    mp.spawn(distributed_worker, args=(str(out / "store"), str(data_dir), str(out), str(sft_dir)),
+             nprocs=WORLD_SIZE)
     runs = {}
     for name in STRATEGY_RUNS:
         ranks = [json.loads((out / f"{name}-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
         runs[name] = {"ranks": ranks, "run_dir": out / name}
+    for name in SFT_RUNS:
+        runs[name] = {"ranks": [json.loads((out / f"{name}-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)],
+                      "run_dir": out / name}
     runs["stop"] = {"ranks": [json.loads((out / f"stop-rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)],
                     "run_dir": out / "stop"}
     return runs
@@ -264,6 +318,28 @@ def test_signal_to_one_rank_stops_all(two_process_runs):
     assert max(row["step"] for row in written) == 2
 
 
+@pytest.mark.parametrize("name", list(SFT_RUNS))
+def test_two_process_finetune_matches_one(name, sft_dir, two_process_runs, tmp_path):
+    # One process, the whole batch in one forward pass: no accumulation, no process group.
+    expected = run_sft(name, sft_dir, tmp_path / "single", micro_batch=0)
+    run = two_process_runs[name]
+    for rank in run["ranks"]:
+        assert len(rank["losses"]) == SFT["steps"]
+        for step, (actual, single) in enumerate(zip(rank["losses"], expected)):
+            assert math.isclose(actual, single, rel_tol=RTOL), f"step {step + 1}: {actual} vs one process {single}"
+    written = [json.loads(line) for line in (run["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in written] == [1, 2, 3]
+    # Adam hides a gradient off by a constant factor in the weights, but the logged norms show it.
+    single_rows = [json.loads(line) for line in (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()]
+    for row, single in zip(written, single_rows):
+        assert math.isclose(row["grad_norm"], single["grad_norm"], rel_tol=1e-4), (row, single)
+    expected_weights = latest_tensors(tmp_path / "single", MODEL_FILE)
+    actual_weights = latest_tensors(run["run_dir"], MODEL_FILE)
+    assert sorted(actual_weights) == sorted(expected_weights)
+    for key, tensor in expected_weights.items():
+        torch.testing.assert_close(actual_weights[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_activation_checkpointing_keeps_loss(data_dir, single_run, tmp_path):
     trainer = Trainer(model_config(data_dir), TrainConfig(**TRAIN), data_dir, tmp_path / "run",
                       activation_checkpointing=True)
@@ -314,3 +390,29 @@ def test_batch_split_rejects_uneven_shares():
         rows_of_rank(6, 0, 4)
     with pytest.raises(ValueError, match="12 sequences per process"):
         local_micro_batch(24, 8, 2)
+
+
+def test_finetune_cli_under_torchrun(sft_dir, tmp_path):
+    from smdm.cli import main
+
+    args = ["finetune", "--data", str(sft_dir / "pairs.jsonl"), "--kind", "mdm", "--model", MODEL,
+            "--vocab-size", "300", "--seq-len", str(SFT_SEQ_LEN), "--batch-size", "8", "--steps", "2", "--lr", "3e-3",
+            "--log-interval", "1", "--device", "cpu", "--precision", "fp32", "--prompt-dropout", "0.25"]
+    assert main(args + ["--out", str(tmp_path / "single")]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(WORLD_SIZE),
+               "--master-addr", "127.0.0.1", "--master-port", str(free_loopback_port()), "-m", "smdm",
+               *args, "--out", str(tmp_path / "two"), "--strategy", "ddp", "--micro-batch", "2"]
+    source = Path(smdm.train.__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{source}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    # Only rank 0 prints the summary, and both ranks trained with the BPE that rank 0 built.
+    summary = json.loads(completed.stdout)
+    assert summary["steps"] == 2
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("single", "two")}
+    assert [row["step"] for row in rows["two"]] == [1, 2]
+    for one, two in zip(rows["single"], rows["two"]):
+        assert math.isclose(two["loss"], one["loss"], rel_tol=RTOL), (two, one)
+    config = json.loads((tmp_path / "two" / "checkpoints" / "step-0000002" / "config.json").read_text())
+    assert (config["train"]["world_size"], config["train"]["strategy"]) == (WORLD_SIZE, "ddp")

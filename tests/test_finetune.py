@@ -259,3 +259,65 @@ def test_finetune_cli_missing_field(tmp_path, capsys):
     data.write_text(json.dumps({"question": "a", "answer": "b"}) + "\n", encoding="utf-8")
     assert main(["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--device", DEVICE]) == 2
     assert "no field 'prompt'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["mdm", "arm"])
+def test_accumulation_matches_one_forward_pass(tmp_path, kind):
+    pairs = read_prompt_response(shared_path("chat_sft/dolly15k_prompt_response.jsonl"), limit=40)
+    tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), 400)
+    options = {"seq_len": 128, "batch_size": 6, "steps": 3, "lr": 3e-3, "precision": "fp32", "log_interval": 1,
+               "prompt_dropout": 0.3 if kind == "mdm" else 0.0}
+    runs = {}
+    for micro in (0, 2):
+        torch.manual_seed(0)
+        model = tiny_model(kind, vocab_size=tokenizer.vocab_size, block_size=128)
+        runs[micro] = finetune(model, tokenizer, pairs, tmp_path / f"micro{micro}",
+                               FinetuneConfig(micro_batch=micro, **options))
+    # Three micro-batches of 2 rows share the batch's denominator, so their losses add up to the batch's.
+    for one, accumulated in zip(runs[0].losses, runs[2].losses):
+        assert math.isclose(one, accumulated, rel_tol=1e-5), (one, accumulated)
+    rows = {micro: [json.loads(line) for line in (tmp_path / f"micro{micro}" / "metrics.jsonl").read_text().splitlines()]
+            for micro in runs}
+    for one, accumulated in zip(rows[0], rows[2]):
+        assert math.isclose(one["grad_norm"], accumulated["grad_norm"], rel_tol=1e-4)
+    weights = {micro: load_model(tmp_path / f"micro{micro}")[0].state_dict() for micro in runs}
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[2][name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_micro_batch_must_divide_batch(tmp_path):
+    tokenizer = train_bpe(["alpha beta gamma"] * 10, 300)
+    model = tiny_model("mdm", vocab_size=tokenizer.vocab_size)
+    config = FinetuneConfig(seq_len=16, batch_size=6, micro_batch=4)
+    with pytest.raises(ValueError, match="not a multiple of --micro-batch 4"):
+        finetune(model, tokenizer, [PromptResponse("alpha", "beta")], tmp_path, config)
+
+
+def test_signal_saves_checkpoint_then_stops(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    pairs = read_prompt_response(shared_path("chat_sft/dolly15k_prompt_response.jsonl"), limit=40)
+    tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), 400)
+    config = FinetuneConfig(seq_len=128, batch_size=4, steps=6, lr=3e-3, precision="fp32", log_interval=1,
+                            checkpoint_interval=0)
+    straight = finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
+                        tmp_path / "straight", config)
+
+    # SIGTERM arrives while step 3 (index 2) builds its batch: the step finishes, is saved, and the run stops.
+    original_indices = smdm.finetune.batch_indices
+
+    def signalled_indices(n, batch_size, step, seed):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_indices(n, batch_size, step, seed)
+
+    monkeypatch.setattr(smdm.finetune, "batch_indices", signalled_indices)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
+                 tmp_path / "stopped", config)
+    assert (tmp_path / "stopped" / "checkpoints" / "latest").read_text() == "step-0000003"
+    monkeypatch.setattr(smdm.finetune, "batch_indices", original_indices)
+    resumed = finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
+                       tmp_path / "stopped", config, resume=True)
+    assert resumed.losses == straight.losses[3:]

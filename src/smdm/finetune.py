@@ -16,6 +16,12 @@ as for facts learned without a question/answer split (the reversal curse).
 
 ARM loss: mean next-token cross-entropy over the scored targets only.
 
+A step's rows are drawn, noised and normalised over the whole batch (the
+denominator counts the scorable tokens of every row), then split into one
+block per process (torchrun, DDP or FSDP2 as in smdm.distributed) and into
+micro-batches within a process, so the loss and the update of a step do not
+depend on the number of processes or on the micro-batch size.
+
 Checkpoints are written with smdm.checkpoint.save_checkpoint into
 `OUT/checkpoints/step-N`, with `OUT/checkpoints/latest` naming the newest, so
 `smdm sample`, `smdm evaluate` and load_model read a fine-tuned run folder
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,9 +52,19 @@ from smdm.config import ModelConfig, TrainConfig
 from smdm.data.sft import PromptResponse, SFTBatch, build_batch, encode_pairs
 from smdm.data.tokenizer import Tokenizer
 from smdm.diffusion import masked_cross_entropy_sum, masking_probability
+from smdm.distributed import (
+    DistributedContext,
+    clip_gradients,
+    gather_full_state,
+    load_full_state,
+    local_micro_batch,
+    no_gradient_sync,
+    rows_of_rank,
+    wrap_model,
+)
 from smdm.model import Transformer
-from smdm.runtime import autocast, generator, resolve_device, resolve_precision
-from smdm.train import build_optimizer, lr_at
+from smdm.runtime import autocast, generator, resolve_precision
+from smdm.train import StopRequest, build_optimizer, format_duration, lr_at
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +78,9 @@ class FinetuneConfig:
     seq_len: int = 256
     """Row length in tokens; longer pairs are skipped and counted."""
     batch_size: int = 16
+    """Rows per optimiser step, over all processes."""
+    micro_batch: int = 0
+    """Rows per forward pass on one process (0: its whole share). Gradients accumulate over the passes."""
     steps: int = 100
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -86,6 +106,8 @@ class FinetuneConfig:
         for key in ("seq_len", "batch_size", "steps"):
             if getattr(self, key) <= 0:
                 problems.append(f"{key}={getattr(self, key)} must be positive")
+        if self.micro_batch < 0:
+            problems.append(f"micro_batch={self.micro_batch} must be 0 (a process's whole share) or positive")
         if not 0 <= self.prompt_dropout <= 1:
             problems.append(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1]")
         if self.prompt_dropout and self.train_on_prompt:
@@ -116,10 +138,12 @@ def sft_mdm_loss(
     eps: float,
     score_padding: bool,
     train_on_prompt: bool,
+    denominator: int | None = None,
 ) -> torch.Tensor:
     """MDM fine-tuning loss of a batch at times t (B,) with uniform noise (B, L) and dropout flags (B,).
 
-    Unscored padding is still noised, so the model sees the canvas the sampler
+    The sum is divided by `denominator`, by default the batch's number of
+    scorable tokens. A micro-batch passes its whole batch's count. Unscored padding is still noised, so the model sees the canvas the sampler
     builds (masks after the prompt) but gets no gradient from the padding.
     """
     mask_id = model.config.mask_id
@@ -135,15 +159,32 @@ def sft_mdm_loss(
     noisy = torch.where(masked | dropped, torch.full_like(tokens, mask_id), tokens)
     scorable = scorable_positions(batch, score_padding, train_on_prompt)
     total = masked_cross_entropy_sum(model, noisy, tokens, masked & scorable, 1.0 / p)
-    return total / scorable.sum().clamp_min(1)
+    return total / (scored_count(batch, "mdm", score_padding, train_on_prompt) if denominator is None else denominator)
 
 
-def sft_arm_loss(model: Transformer, batch: SFTBatch, *, score_padding: bool, train_on_prompt: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy over the scored targets of ARM rows (B, L + 1)."""
+def sft_arm_loss(
+    model: Transformer, batch: SFTBatch, *, score_padding: bool, train_on_prompt: bool, denominator: int | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over the scored targets of ARM rows (B, L + 1), divided by `denominator`.
+
+    The default denominator is the number of scored targets, which gives their mean.
+    """
     scored = scorable_positions(batch, score_padding, train_on_prompt)[:, 1:]  # (B, L) targets
     logits = model(batch.tokens[:, :-1])  # (B, L, V)
     targets = batch.tokens[:, 1:]
-    return F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum") / scored.sum().clamp_min(1)
+    total = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+    return total / (scored_count(batch, "arm", score_padding, train_on_prompt) if denominator is None else denominator)
+
+
+def scored_count(batch: SFTBatch, kind: str, score_padding: bool, train_on_prompt: bool) -> int:
+    """Return the number of tokens a batch's loss is divided by (at least 1).
+
+    For an MDM these are its scorable positions, for an ARM its scored targets.
+    """
+    scorable = scorable_positions(batch, score_padding, train_on_prompt)
+    if kind == "arm":
+        scorable = scorable[:, 1:]
+    return max(int(scorable.sum()), 1)
 
 
 def draw_sft_noise(seed: int, step: int, rows: int, length: int, prompt_dropout: float):
@@ -209,14 +250,20 @@ def finetune(
     *,
     base: str = "",
     resume: bool = False,
+    context: DistributedContext | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` in place on pairs and write checkpoints and metrics under `out`.
 
     With resume, a run folder that already has a checkpoint continues from it:
     batches and noise are keyed by (seed, step), so the resumed losses equal
-    those of an uninterrupted run.
+    those of an uninterrupted run. Under torch.distributed every process calls
+    this with the same arguments and its own `context` (from
+    smdm.distributed.setup_distributed), and rank 0 alone writes files. SIGINT
+    or SIGTERM saves a checkpoint at the end of the current step, then raises
+    KeyboardInterrupt.
     """
     device = next(model.parameters()).device
+    context = context or DistributedContext(device=device)
     kind = model.config.kind
     if kind == "arm" and config.prompt_dropout:
         raise ValueError("prompt dropout trains a model for classifier-free guidance, which needs an MDM; set it to 0")
@@ -224,89 +271,158 @@ def finetune(
         raise ValueError(
             f"seq_len={config.seq_len} exceeds the model's context of {model.config.block_size}; lower --seq-len"
         )
+    rows = rows_of_rank(config.batch_size, context.rank, context.world_size)
+    micro, accumulation = local_micro_batch(config.batch_size, config.micro_batch, context.world_size)
     encoded = encode_pairs(tokenizer, pairs, config.seq_len, kind)
-    if encoded.skipped:
+    if encoded.skipped and context.is_main:
         log.warning("skipped %d of %d pairs longer than seq_len=%d", encoded.skipped, len(pairs), config.seq_len)
     run_dir = Path(out)
-    run_dir.mkdir(parents=True, exist_ok=True)
     precision = resolve_precision(config.precision, device)
+    forward_model = wrap_model(model, context, precision)
     schedule = TrainConfig(lr=config.lr, min_lr=config.min_lr, weight_decay=config.weight_decay,
                            grad_clip=config.grad_clip)
     optimizer = build_optimizer(model, schedule, device)
-    start_step = _resume_or_start(run_dir, model, optimizer, resume)
+    start_step = _resume_or_start(run_dir, model, optimizer, resume, context)
     train_config = {"seq_len": config.seq_len, "finetune": asdict(config), "base": base,
-                    "examples": len(encoded.prompts), "skipped": encoded.skipped}
+                    "examples": len(encoded.prompts), "skipped": encoded.skipped,
+                    "world_size": context.world_size, "strategy": context.strategy}
+    if context.is_main:
+        log.info("fine-tuning %s for %d steps of %d rows x %d tokens (%d process(es), %d x %d rows each per step)",
+                 kind.upper(), config.steps, config.batch_size, config.seq_len, context.world_size,
+                 accumulation, micro)
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
+    interval_started, interval_tokens = started, 0
 
     def save(step: int) -> None:
         name = f"step-{step:07d}"
-        save_checkpoint(run_dir / CHECKPOINTS_DIR / name, model, tokenizer, optimizer=optimizer,
-                        trainer_state={"step": step, "total_steps": config.steps}, train_config=train_config)
-        write_text_atomically(run_dir / CHECKPOINTS_DIR / LATEST_FILE, name)
+        weights, optimizer_state = gather_full_state(model, optimizer, context)
+        if context.is_main:
+            save_checkpoint(run_dir / CHECKPOINTS_DIR / name, model, tokenizer, optimizer=optimizer_state,
+                            weights=weights, trainer_state={"step": step, "total_steps": config.steps},
+                            train_config=train_config)
+            write_text_atomically(run_dir / CHECKPOINTS_DIR / LATEST_FILE, name)
+        # Every rank returns only once the checkpoint is complete.
+        context.barrier()
 
-    for step in range(start_step, config.steps):
-        rows = batch_indices(len(encoded.prompts), config.batch_size, step, config.seed)
-        batch = build_batch([encoded.prompts[i] for i in rows], [encoded.responses[i] for i in rows],
-                            config.seq_len, tokenizer.eos_id, kind).to(device)
-        lr = lr_at(step, config.steps, config.warmup_steps, config.lr, config.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device, precision):
+    with StopRequest() as stop:
+        for step in range(start_step, config.steps):
+            # Every rank builds and noises the whole batch, then keeps its own block of rows.
+            indices = batch_indices(len(encoded.prompts), config.batch_size, step, config.seed)
+            batch = build_batch([encoded.prompts[i] for i in indices], [encoded.responses[i] for i in indices],
+                                config.seq_len, tokenizer.eos_id, kind)
+            denominator = scored_count(batch, kind, config.score_padding, config.train_on_prompt)
             if kind == "mdm":
                 t, noise, drop = draw_sft_noise(config.seed, step, len(batch), batch.tokens.size(1),
                                                 config.prompt_dropout)
-                loss = sft_mdm_loss(model, batch, t.to(device), noise.to(device), drop.to(device), eps=config.mask_eps,
-                                    score_padding=config.score_padding, train_on_prompt=config.train_on_prompt)
-            else:
-                loss = sft_arm_loss(model, batch, score_padding=config.score_padding,
-                                    train_on_prompt=config.train_on_prompt)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        value = loss.item()
-        losses.append(value)
-        if not torch.isfinite(loss):
-            raise ValueError(f"fine-tuning loss became {value} at step {step}; lower --lr")
-        if (step + 1) % config.log_interval == 0 or step + 1 == config.steps:
-            row = {"step": step + 1, "loss": value, "lr": lr, "elapsed_s": round(time.perf_counter() - started, 2)}
-            with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row) + "\n")
-            log.info("step %d/%d loss %.4f lr %.2e", step + 1, config.steps, value, lr)
-        if config.checkpoint_interval and (step + 1) % config.checkpoint_interval == 0 and step + 1 < config.steps:
-            save(step + 1)
-    if start_step < config.steps:
-        save(config.steps)
+                t, noise, drop = t[rows], noise[rows], drop[rows]
+            local = batch[rows]
+            lr = lr_at(step, config.steps, config.warmup_steps, config.lr, config.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            value = 0.0
+            for index, first in enumerate(range(0, len(local), micro)):
+                part = slice(first, first + micro)
+                # Reduce gradients across ranks only in the backward of the last micro-batch.
+                with no_gradient_sync(forward_model, context, sync=index == accumulation - 1):
+                    piece = local[part].to(device)
+                    with autocast(device, precision):
+                        if kind == "mdm":
+                            loss = sft_mdm_loss(forward_model, piece, t[part].to(device), noise[part].to(device),
+                                                drop[part].to(device), eps=config.mask_eps,
+                                                score_padding=config.score_padding,
+                                                train_on_prompt=config.train_on_prompt, denominator=denominator)
+                        else:
+                            loss = sft_arm_loss(forward_model, piece, score_padding=config.score_padding,
+                                                train_on_prompt=config.train_on_prompt, denominator=denominator)
+                    # Data parallelism averages gradients over ranks, and the losses are parts of one sum.
+                    (loss * context.world_size).backward()
+                value += loss.item()
+            if context.active:
+                value = context.all_reduce_sum([value])[0]
+            grad_norm = clip_gradients(model, config.grad_clip, context)
+            if not math.isfinite(value) or not math.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                raise ValueError(
+                    f"fine-tuning loss is {value} (grad norm {grad_norm}) at step {step + 1} with lr {lr:.3g}; "
+                    f"the last checkpoint in {run_dir / CHECKPOINTS_DIR} is intact. Lower --lr or use "
+                    "--precision fp32, then --resume"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(value)
+            done = step + 1
+            interval_tokens += config.batch_size * config.seq_len
+            stopping = stop.requested
+            if context.active:
+                # A signal may reach the ranks in different steps; stop all of them at the same one.
+                stopping = context.all_reduce_sum([float(stopping)])[0] > 0
+            if (done % config.log_interval == 0 or done == config.steps) and context.is_main:
+                now = time.perf_counter()
+                rate = interval_tokens / max(now - interval_started, 1e-9)
+                eta = (config.steps - done) * (now - started) / (done - start_step)
+                row = {"step": done, "loss": value, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(rate, 1),
+                       "elapsed_s": round(now - started, 2)}
+                with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %s tok/s | ETA %s", done,
+                         config.steps, value, lr, grad_norm, f"{rate:,.0f}", format_duration(eta))
+                interval_started, interval_tokens = now, 0
+            interval_due = config.checkpoint_interval and done % config.checkpoint_interval == 0
+            if interval_due or done == config.steps or stopping:
+                save(done)
+            if stopping:
+                if context.is_main:
+                    log.warning("stopped at step %d; continue with --resume", done)
+                raise KeyboardInterrupt
     model.eval()
     final_loss = losses[-1] if losses else float("nan")
     return FinetuneResult(run_dir, config.steps, len(encoded.prompts), encoded.skipped, final_loss, losses)
 
 
-def _resume_or_start(run_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, resume: bool) -> int:
-    """Load the latest checkpoint of run_dir into model and optimizer when resuming; return the first step."""
+def _resume_or_start(
+    run_dir: Path, model: Transformer, optimizer: torch.optim.Optimizer, resume: bool, context: DistributedContext
+) -> int:
+    """Load the latest checkpoint of run_dir into model and optimizer when resuming; return the first step.
+
+    Rank 0 reads the folder and the checkpoint, and the other ranks receive the tensors from it.
+    """
     metrics = run_dir / METRICS_FILE
-    if not (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file():
-        metrics.write_text("", encoding="utf-8")
+
+    def inspect() -> bool:
+        if not (run_dir / CHECKPOINTS_DIR / LATEST_FILE).is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            metrics.write_text("", encoding="utf-8")
+            return False
+        if not resume:
+            raise FileExistsError(
+                f"{run_dir} already contains a fine-tuning run; pass --resume to continue it or choose another --out"
+            )
+        return True
+
+    if not context.run_on_main(inspect):
         return 0
-    if not resume:
-        raise FileExistsError(
-            f"{run_dir} already contains a fine-tuning run; pass --resume to continue it or choose another --out"
-        )
-    checkpoint = read_checkpoint(run_dir)
-    if checkpoint.model_config != model.config:
-        raise ValueError(
-            f"cannot resume {checkpoint.folder}: its model config {checkpoint.model_config.to_dict()} differs from "
-            "the model being fine-tuned; resume with the same starting point"
-        )
-    model.load_state_dict(checkpoint.weights())
-    optimizer.load_state_dict(checkpoint.optimizer_state())
-    step = checkpoint.trainer_state["step"]
-    # Rows written after the checkpoint are written again by the resumed steps.
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line and json.loads(line)["step"] <= step]
-        write_text_atomically(metrics, "".join(line + "\n" for line in kept))
-    log.info("resumed fine-tuning from %s at step %d", checkpoint.folder, step)
+    loaded: dict = {"weights": None, "optimizer": None}
+
+    def read() -> tuple[str, int]:
+        checkpoint = read_checkpoint(run_dir)
+        if checkpoint.model_config != model.config:
+            raise ValueError(
+                f"cannot resume {checkpoint.folder}: its model config {checkpoint.model_config.to_dict()} differs "
+                "from the model being fine-tuned; resume with the same starting point"
+            )
+        loaded["weights"], loaded["optimizer"] = checkpoint.weights(), checkpoint.optimizer_state()
+        step = checkpoint.trainer_state["step"]
+        # Rows written after the checkpoint are written again by the resumed steps.
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line and json.loads(line)["step"] <= step]
+            write_text_atomically(metrics, "".join(line + "\n" for line in kept))
+        return str(checkpoint.folder), step
+
+    folder, step = context.run_on_main(read)
+    load_full_state(model, optimizer, loaded["weights"], loaded["optimizer"], context)
+    if context.is_main:
+        log.info("resumed fine-tuning from %s at step %d", folder, step)
     return step

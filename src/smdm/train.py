@@ -114,14 +114,14 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT/SIGTERM into a request to checkpoint and stop at the end of the current step."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict = {}
 
-    def __enter__(self) -> "_StopRequest":
+    def __enter__(self) -> "StopRequest":
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -385,7 +385,7 @@ class Trainer:
         interval_start, interval_tokens, run_start = time.time(), 0, time.time()
         start_step = self.step
         final_val: dict = {}
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             while self.step < self.total_steps:
                 # Set the learning rate of this step.
                 lr = lr_at(self.step, self.total_steps, self.warmup_steps, config.lr, config.min_lr)

@@ -111,6 +111,9 @@ class SFTBatch:
     def __len__(self) -> int:
         return self.tokens.size(0)
 
+    def __getitem__(self, rows: slice) -> "SFTBatch":
+        return SFTBatch(*(value[rows] for value in (self.tokens, self.prompt, self.response, self.padding)))
+
 
 @dataclass
 class EncodedPairs:

@@ -34,7 +34,11 @@ def add_finetune(parser: argparse.ArgumentParser) -> None:
     fields.add_argument("--limit", type=int, default=0, help="use only the first N records (0: all)")
     group = parser.add_argument_group("fine-tuning")
     group.add_argument("--seq-len", type=int, default=defaults.seq_len, help="row length in tokens")
-    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows per optimiser step")
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                       help="rows per optimiser step, over all processes")
+    group.add_argument("--micro-batch", type=int, default=defaults.micro_batch,
+                       help="rows per forward pass on one process (0: its whole share); smaller values accumulate "
+                            "gradients over several passes to save memory, with the same result")
     group.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
     group.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     group.add_argument("--min-lr", type=float, default=defaults.min_lr, help="learning rate at the end of the cosine")
@@ -53,16 +57,20 @@ def add_finetune(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--precision", choices=("auto", "fp32", "bf16-mixed"), default="auto")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    _add_distributed_args(parser)
 
 
 def run_finetune(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from smdm.data.sft import read_prompt_response
     from smdm.data.tokenizer import Tokenizer, train_bpe
+    from smdm.distributed import enable_activation_checkpointing, setup_distributed
     from smdm.finetune import FinetuneConfig, finetune, initial_model
-    from smdm.runtime import resolve_device
 
     config = FinetuneConfig(
-        seq_len=args.seq_len, batch_size=args.batch_size, steps=args.steps, lr=args.lr, min_lr=args.min_lr,
+        seq_len=args.seq_len, batch_size=args.batch_size, micro_batch=args.micro_batch, steps=args.steps,
+        lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, prompt_dropout=args.prompt_dropout,
         score_padding=not args.no_score_padding, train_on_prompt=args.train_on_prompt,
         checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval, seed=args.seed,
@@ -70,19 +78,35 @@ def run_finetune(args: argparse.Namespace) -> int:
     )
     pairs = read_prompt_response(args.data, prompt_field=args.prompt_field, response_field=args.response_field,
                                  chat=args.chat, limit=args.limit)
-    device = resolve_device(args.device)
-    tokenizer = None
-    if args.checkpoint is None:
-        if args.tokenizer:
-            tokenizer = Tokenizer.load(args.tokenizer)
-        else:
-            tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), args.vocab_size)
-    model, tokenizer, base = initial_model(args.checkpoint, device, tokenizer=tokenizer, size=args.model,
-                                           kind=args.kind, block_size=args.seq_len, seed=args.seed)
-    result = finetune(model, tokenizer, pairs, args.out, config, base=base, resume=args.resume)
-    print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "examples": result.examples,
-                      "skipped": result.skipped, "final_loss": result.final_loss}, indent=2))
+    owned_group = not dist.is_initialized()
+    context = setup_distributed(args.device, args.strategy)
+    try:
+        tokenizer = None
+        if args.checkpoint is None:
+            if args.tokenizer:
+                tokenizer = Tokenizer.load(args.tokenizer)
+            else:
+                # Rank 0 trains the BPE and hands it to the other ranks, so all of them use the same ids.
+                texts = (text for pair in pairs for text in (pair.prompt, pair.response))
+                tokenizer = Tokenizer.from_json(context.run_on_main(lambda: train_bpe(texts, args.vocab_size).to_json()))
+        model, tokenizer, base = initial_model(args.checkpoint, context.device, tokenizer=tokenizer, size=args.model,
+                                               kind=args.kind, block_size=args.seq_len, seed=args.seed)
+        if args.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        result = finetune(model, tokenizer, pairs, args.out, config, base=base, resume=args.resume, context=context)
+    finally:
+        if owned_group and dist.is_initialized():
+            dist.destroy_process_group()
+    if context.is_main:
+        print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "examples": result.examples,
+                          "skipped": result.skipped, "final_loss": result.final_loss}, indent=2))
     return 0
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    from smdm.cli import _add_distributed_args as add
+
+    add(parser)
 
 
 def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, prefix: str = "", label: str = "") -> None:
