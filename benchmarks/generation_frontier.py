@@ -14,6 +14,10 @@ have equal length.
 Run (from the repository root):
   MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 PYTHONPATH=src python benchmarks/generation_frontier.py \\
       --mdm runs/quickstart/mdm --arm runs/quickstart/arm --judge runs/judge-arm --data runs/quickstart/data
+
+On a GPU add `--device cuda --dtype bfloat16`. Timers wait for the device before
+they read the clock.
+NOTE: no GPU has run this script yet. Only --device cpu, in float32 and in bfloat16, has run.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=3, help="alternating timed runs of smdm and HF generate")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights of the MDM, the ARM and the HF copy (the judge always scores in float32)")
     parser.add_argument("--out", default="benchmarks/results/generation_frontier.json")
     parser.add_argument("--plot", default="docs/generation_frontier.png")
     parser.add_argument("--merge", nargs="+", default=None,
@@ -101,7 +108,8 @@ def to_hf_llama(model: Transformer):
 @torch.no_grad()
 def generative_perplexity(judge: Transformer, prompts: torch.Tensor, samples: torch.Tensor) -> tuple[float, float]:
     """Return the judge's summed NLL (nats) of the samples given their prompts, and the token count."""
-    sequence = torch.cat([prompts, samples], dim=1)  # (B, P + G)
+    device = next(judge.parameters()).device
+    sequence = torch.cat([prompts, samples], dim=1).to(device)  # (B, P + G)
     logits = judge(sequence[:, :-1]).float()
     targets = sequence[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (B, P + G - 1)
@@ -120,14 +128,23 @@ def unigram_entropy(samples: torch.Tensor) -> float:
 
 
 # Runs.
+def synchronize(model) -> None:
+    """Wait for the model's device, so that a timer read after it includes all queued GPU work."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def timed_generate(model, prompts: list[torch.Tensor], config: SampleConfig, pad_id: int) -> tuple[torch.Tensor, float]:
     """Generate for every prompt batch; return the samples (N, G) and the seconds spent generating."""
     generate(model, prompts[0][:1].tolist(), config, pad_id=pad_id)  # warm-up
     outputs, seconds = [], 0.0
     for batch_index, batch in enumerate(prompts):
         rows = range(batch_index * len(batch), (batch_index + 1) * len(batch))
+        synchronize(model)
         start = time.perf_counter()
         new = generate(model, batch, config, pad_id=pad_id, row_seeds=rows)
+        synchronize(model)
         seconds += time.perf_counter() - start
         outputs.append(torch.tensor(new))
     return torch.cat(outputs), seconds
@@ -142,13 +159,17 @@ def time_hf(
                   eos_token_id=None)
     if cache_implementation and cache_implementation != "dynamic":
         kwargs["cache_implementation"] = cache_implementation
-    hf.generate(prompts[0][:1], **kwargs)  # warm-up
+    device = next(hf.parameters()).device
+    hf.generate(prompts[0][:1].to(device), **kwargs)  # warm-up
     outputs, seconds = [], 0.0
     for batch in prompts:
+        batch = batch.to(device)
+        synchronize(hf)
         start = time.perf_counter()
         out = hf.generate(batch, attention_mask=torch.ones_like(batch), **kwargs)
+        synchronize(hf)
         seconds += time.perf_counter() - start
-        outputs.append(out[:, batch.size(1) :])
+        outputs.append(out[:, batch.size(1) :].cpu())
     return torch.cat(outputs), seconds
 
 
@@ -330,9 +351,11 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     data = TokenData(args.data)
-    mdm, tokenizer, _ = load_model(args.mdm)
-    arm, arm_tokenizer, _ = load_model(args.arm)
-    judge, judge_tokenizer, _ = load_model(args.judge)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    mdm, tokenizer, _ = load_model(args.mdm, device)
+    arm, arm_tokenizer, _ = load_model(args.arm, device)
+    judge, judge_tokenizer, _ = load_model(args.judge, device)
+    mdm, arm = mdm.to(dtype), arm.to(dtype)
     if not (tokenizer.identity == arm_tokenizer.identity == judge_tokenizer.identity == data.tokenizer.identity):
         raise ValueError("the MDM, ARM, judge and data must share one tokenizer")
     window = args.prompt_len + args.new_tokens
@@ -365,10 +388,10 @@ def main() -> None:
         record(name, "mdm", samples, seconds, {"steps": settings["steps"]})
 
     # Hugging Face transformers generate on the same ARM weights (greedy, both sides).
-    hf = to_hf_llama(arm)
-    probe = all_prompts[:2]
+    hf = to_hf_llama(arm).to(device, dtype)
+    probe = all_prompts[:2].to(device)
     with torch.no_grad():
-        logit_gap = (hf(probe).logits - arm(probe)).abs().max().item()
+        logit_gap = (hf(probe).logits.float() - arm(probe).float()).abs().max().item()
     hf_points = compare_with_hf(arm, hf, prompts, args.new_tokens, pad_id, args.repeats)
     for p in hf_points:
         print(json.dumps(p), flush=True)
@@ -388,6 +411,7 @@ def main() -> None:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__, "threads": args.threads, "args": vars(args), "validation_text": data_point,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "points": points, "hf": hf_points, "hf_max_logit_gap": logit_gap, "cache_agreement": agreement,
         "speed_ratio_at_arm_gen_ppl": ratio, "speed_ratio_without_entropy_floor": ratio_any,
     }
