@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -333,6 +335,33 @@ def test_cli_hf_round_trip(tmp_path, tokenizer, token_ids):
     assert loaded.config == model.config
     with torch.no_grad():
         assert torch.equal(loaded(token_ids), model(token_ids))
+
+
+def test_cli_export_keeps_existing_folder(tmp_path, tokenizer, capsys):
+    pytest.importorskip("transformers")
+    save_checkpoint(tmp_path / "ckpt", random_model("arm", seed=4), tokenizer)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("keep me")
+    command = ["convert", "export-hf", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "hf")]
+
+    assert main(command) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "keep me"
+    assert main(command + ["--overwrite"]) == 0
+    assert not (tmp_path / "hf" / "notes.txt").exists()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_hf_export_modes_and_context_length(tmp_path, tokenizer):
+    pytest.importorskip("transformers")
+    model = random_model("arm")
+    export_hf(model, tokenizer, tmp_path / "hf")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "hf").iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == model.config.block_size
 
 
 @pytest.mark.parametrize("remove_extra_whitespaces", [False, True])

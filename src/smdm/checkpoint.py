@@ -49,6 +49,7 @@ def write_atomically(folder: Path, write: Any) -> None:
     tmp.mkdir()
     try:
         write(tmp)
+        _apply_umask(tmp)
         _fsync_folder(tmp)
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
@@ -60,6 +61,19 @@ def write_atomically(folder: Path, write: Any) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file in folder the mode that open() would give it under the process umask.
+
+    safetensors 0.8.0 writes its files with mode 0600, which hides checkpoints from the
+    other members of a group on a shared cluster.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def write_text_atomically(path: Path, text: str) -> None:

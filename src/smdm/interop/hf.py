@@ -117,15 +117,19 @@ def _llama_fields(config: ModelConfig, tokenizer: Tokenizer) -> dict:
     )
 
 
-def _save_tokenizer(tokenizer: Tokenizer, folder: Path) -> None:
-    """Write tokenizer.json and tokenizer_config.json, so transformers' AutoTokenizer loads the folder."""
+def _save_tokenizer(tokenizer: Tokenizer, folder: Path, context_length: int) -> None:
+    """Write tokenizer.json and tokenizer_config.json, so transformers' AutoTokenizer loads the folder.
+
+    context_length becomes model_max_length, so the tokenizer warns about inputs longer than the model's context.
+    """
     transformers = _require_transformers()
     backend = tokenizer.backend
     special = {"eos_token": backend.id_to_token(tokenizer.eos_id), "pad_token": backend.id_to_token(tokenizer.pad_id)}
     for key, token in (("bos_token", "<s>"), ("unk_token", "<unk>")):
         if backend.token_to_id(token) is not None:
             special[key] = token
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(str(folder))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=context_length, **special)
+    fast.save_pretrained(str(folder))
     # transformers adds an empty post-processor, so the original file is written back to keep the identity hash.
     tokenizer.save(folder)
     # The generic class name also resolves in transformers 4, whose AutoTokenizer lacks TokenizersBackend.
@@ -199,7 +203,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer, folder: str | Path) -> P
             llama = transformers.LlamaConfig(architectures=["LlamaForCausalLM"], dtype="float32", **fields)
             llama.smdm = {"model": config.to_dict()}  # kept so a re-import restores the size name
             llama.save_pretrained(str(tmp))
-        _save_tokenizer(tokenizer, tmp)
+        _save_tokenizer(tokenizer, tmp, config.block_size)
 
     write_atomically(folder, write)
     return folder
