@@ -53,7 +53,7 @@ def test_text_mode_arm_is_exact(tmp_path, checkpoints, capsys):
         scored = end - start
         total += logp[-scored:].gather(-1, targets[-scored:, None]).sum().item()
         start = end
-    assert report["nll_per_token"] == pytest.approx(-total / len(ids), rel=1e-5)
+    assert report["loss"] == pytest.approx(-total / len(ids), rel=1e-5)
     assert report["perplexity"] == pytest.approx(math.exp(-total / len(ids)), rel=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_text_mode_mdm_reports_bound(tmp_path, checkpoints, capsys):
         start = end
     assert len(windows[-1][0]) > 1
     expected = sum(mdm_mc_loglikelihood(model, windows, mc_samples=4, seed=3))
-    assert report["nll_per_token"] == pytest.approx(-expected / len(ids), rel=1e-5)
+    assert report["loss"] == pytest.approx(-expected / len(ids), rel=1e-5)
 
 
 def test_tasks_mode_writes_results(tmp_path, checkpoints, capsys):

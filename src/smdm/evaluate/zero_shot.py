@@ -55,7 +55,7 @@ def run_tasks(
 
 
 def text_perplexity(lm, text: str) -> dict[str, Any]:
-    """Score a whole text with lm-eval's rolling windows; return nats per token and perplexity.
+    """Score a whole text with lm-eval's rolling windows; return its loss (nats per token) and perplexity.
 
     For an MDM the value is the Monte Carlo ELBO, so "perplexity" estimates
     an upper bound on the perplexity and "bound" is True. For an ARM it is exact.
@@ -73,7 +73,7 @@ def text_perplexity(lm, text: str) -> dict[str, Any]:
         "kind": lm.model.config.kind,
         "tokens": n_tokens,
         "windows": len(lm.rolling_windows(text)),
-        "nll_per_token": nll,
+        "loss": nll,
         "perplexity": math.exp(min(nll, 700.0)),
         "bound": lm.is_mdm,
         "mc_samples": lm.mc_samples if lm.is_mdm else None,
