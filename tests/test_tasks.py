@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -19,8 +20,9 @@ from smdm.cli import main
 from smdm.data.corpus import read_jsonl
 from smdm.data.sft import PromptResponse
 from smdm.data.tokenizer import train_bpe
-from smdm.generate import SampleConfig
-from smdm.tasks.common import generate_texts
+from smdm.generate import SampleConfig, generate
+from smdm.sampling_api import encode_prompt
+from smdm.tasks.common import generate_texts, keep_prompt_end
 from smdm.tasks.gsm8k import (
     Problem,
     accuracy_with_stderr,
@@ -40,6 +42,7 @@ from smdm.tasks.mt_bench import (
     judge_answers,
     parse_rating,
     read_judge_prompts,
+    truncated_questions,
     write_answers,
 )
 from smdm.tasks.reversal import reversal_metrics
@@ -247,6 +250,35 @@ def test_mt_bench_answer_file_fields(tmp_path):
         assert line["choices"][0]["index"] == 0
         assert len(line["choices"][0]["turns"]) == 1
     assert json.loads(settings_path.read_text())["sampler"]["steps"] == 4
+
+
+def test_keep_prompt_end_per_kind():
+    assert keep_prompt_end([5, 6, 7, 8, 9], 3, "mdm") == [7, 8, 9]
+    assert keep_prompt_end([0, 6, 7, 8, 9], 3, "arm") == [0, 8, 9]
+    assert keep_prompt_end([5, 6], 3, "mdm") == [5, 6]
+    with pytest.raises(ValueError, match="lower --max-new-tokens"):
+        keep_prompt_end([5, 6], 1, "mdm")
+
+
+@pytest.mark.parametrize("kind", ["mdm", "arm"])
+def test_mt_bench_long_question_keeps_its_end(kind):
+    questions = read_jsonl(shared_path("mt_bench/question.jsonl"))
+    model, tokenizer = _tiny_with_tokenizer(kind, [q["turns"][0] for q in questions], block_size=48)
+    config = SampleConfig(max_new_tokens=8, steps=4, temperature=0.0, sampler="low_confidence")
+    truncated = truncated_questions(tokenizer, model, questions, config.max_new_tokens)
+    lengths = {q["question_id"]: len(encode_prompt(tokenizer, q["turns"][0], kind)) for q in questions}
+    assert truncated == [qid for qid, length in lengths.items() if length > 40]
+    assert truncated
+    long_question = next(q for q in questions if q["question_id"] == truncated[0])
+    (record,) = generate_answers(model, tokenizer, [long_question], config, "tiny", batch_size=1)
+
+    # The same prompt cut by hand to its last 40 tokens gives the same answer.
+    ids = encode_prompt(tokenizer, long_question["turns"][0], kind)
+    kept = ([tokenizer.eos_id] + ids[-39:]) if kind == "arm" else ids[-40:]
+    assert len(kept) == 40
+    (row,) = generate(model, [kept], replace(config, cfg=0.0), eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                      row_seeds=[config.seed])
+    assert record["choices"][0]["turns"] == [tokenizer.decode(row).strip()]
 
 
 class _MockJudge(BaseHTTPRequestHandler):

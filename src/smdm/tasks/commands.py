@@ -283,7 +283,7 @@ def _run_temporal(args: argparse.Namespace) -> int:
 
 def _run_mt_bench_answer(args: argparse.Namespace) -> int:
     from smdm.data.corpus import read_jsonl
-    from smdm.tasks.mt_bench import answer_settings, generate_answers, write_answers
+    from smdm.tasks.mt_bench import answer_settings, generate_answers, truncated_questions, write_answers
 
     model, tokenizer, loaded = _load(args, args.checkpoint)
     questions = read_jsonl(args.questions)
@@ -291,10 +291,16 @@ def _run_mt_bench_answer(args: argparse.Namespace) -> int:
         questions = questions[: args.limit]
     model_id = args.model_id or Path(args.checkpoint).resolve().name
     config = _sample_config(args)
+    truncated = truncated_questions(tokenizer, model, questions, config.max_new_tokens)
+    if truncated:
+        print(f"{len(truncated)} of {len(questions)} questions are longer than the model's context of "
+              f"{model.config.block_size} tokens minus --max-new-tokens {config.max_new_tokens}; each keeps its last "
+              f"tokens (question ids {truncated})", file=sys.stderr)
     records = generate_answers(model, tokenizer, questions, config, model_id, guidance=args.guidance,
                                batch_size=args.batch_size)
     out = Path(args.out) / f"{model_id}.jsonl"
-    _print_written(write_answers(records, out, answer_settings(config, model_id, str(loaded.folder), args.guidance)))
+    settings = answer_settings(config, model_id, str(loaded.folder), args.guidance, truncated)
+    _print_written(write_answers(records, out, settings))
     return 0
 
 

@@ -25,17 +25,23 @@ def generate_texts(
     guidance: float = 0.0,
     max_new_tokens: Sequence[int] | None = None,
     batch_size: int = 16,
+    truncate_prompts: bool = False,
 ) -> list[str]:
     """Generate one continuation per prompt; return the decoded texts in prompt order.
 
     Prompts of different lengths share batches (generate() pads them); prompts
     are grouped only by max_new_tokens when it is given per prompt. A guidance
     scale above 0 turns on the sampler's unsupervised classifier-free guidance.
+    With truncate_prompts, a prompt that leaves too little room for its new
+    tokens keeps only its last tokens (see keep_prompt_end); otherwise it raises.
     """
     if guidance and not model.config.is_mdm:
         raise ValueError(f"guidance scale {guidance} needs an MDM; use 0 for an ARM")
     encoded = [encode_prompt(tokenizer, prompt, model.config.kind) for prompt in prompts]
     lengths = list(max_new_tokens) if max_new_tokens is not None else [config.max_new_tokens] * len(prompts)
+    if truncate_prompts:
+        encoded = [keep_prompt_end(ids, model.config.block_size - new_tokens, model.config.kind)
+                   for ids, new_tokens in zip(encoded, lengths)]
     groups: dict[int, list[int]] = defaultdict(list)
     for index, new_tokens in enumerate(lengths):
         groups[new_tokens].append(index)
@@ -50,6 +56,24 @@ def generate_texts(
             for index, row in zip(chunk, rows):
                 texts[index] = tokenizer.decode(row)
     return texts
+
+
+def keep_prompt_end(ids: list[int], room: int, kind: str) -> list[int]:
+    """Return the last `room` tokens of an encoded prompt, or the prompt itself when it fits.
+
+    An ARM prompt keeps its leading EOS (the start of every training document)
+    in front of the kept tokens. Dropping the start of a long question keeps the
+    instruction that usually ends it, as FastChat does for models of short context.
+    """
+    if room < 2:
+        raise ValueError(
+            f"only {room} prompt tokens fit beside the new tokens in the model's context; lower --max-new-tokens"
+        )
+    if len(ids) <= room:
+        return ids
+    if kind == "arm":
+        return ids[:1] + ids[len(ids) - room + 1 :]
+    return ids[len(ids) - room :]
 
 
 def sample_settings(config: SampleConfig, **extra) -> dict:
