@@ -45,7 +45,7 @@ from smdm.tasks.mt_bench import (
     truncated_questions,
     write_answers,
 )
-from smdm.tasks.reversal import reversal_metrics
+from smdm.tasks.reversal import evaluate_reversal, reversal_metrics
 from smdm.tasks.temporal import evaluate_periods, group_by_period, plot_periods, read_dated_texts, report_markdown
 
 DEVICE = "cpu"
@@ -188,6 +188,22 @@ def test_reversal_cli_on_real_questions(tmp_path):
     assert results["splits"]["p2d_reversed"]["direction"] == "description to name"
     assert all(m["n"] == 2 for m in results["splits"].values())
     assert "| p2d_reversed |" in (tmp_path / "out" / "reversal.md").read_text()
+
+
+def test_reversal_skips_questions_over_context():
+    data = shared_path("reversal_curse/reverse_experiments/june_version_7921032488")
+    records = read_jsonl(data / "p2d_prompts_test.jsonl")[:40]
+    tokenizer = train_bpe([r["prompt"] + r["completion"] for r in records], 300)
+    sizes = [len(tokenizer.encode(r["prompt"])) + len(tokenizer.encode(r["completion"])) + 1 for r in records]
+    # A context that fits the shorter half of the questions.
+    context = sorted(sizes)[20]
+    model = tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=context)
+    config = SampleConfig(max_new_tokens=8, steps=4, temperature=0.0, sampler="low_confidence")
+    results = evaluate_reversal(model, tokenizer, data, config, splits=["p2d_same"], limit=40)
+    metrics = results["splits"]["p2d_same"]
+    assert metrics["skipped"] == sum(size > context for size in sizes)
+    assert 0 < metrics["skipped"] < 40
+    assert metrics["n"] == 40 - metrics["skipped"]
 
 
 # Temporal shift

@@ -9,6 +9,7 @@ sacrebleu.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +19,10 @@ from smdm.data.corpus import read_jsonl
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
+from smdm.sampling_api import encode_prompt
 from smdm.tasks.common import generate_texts, sample_settings
+
+log = logging.getLogger(__name__)
 
 TRAIN_FILE = "all_prompts_train.jsonl"
 # split name -> (test file, question direction, whether it is the direction the fact was trained in)
@@ -57,7 +61,9 @@ def evaluate_reversal(
 
     With length_from_reference each question gets a canvas of its reference's
     token count plus one (for EOS) new tokens, because the MDM fills a fixed
-    canvas. The ARM stops at EOS either way.
+    canvas. The ARM stops at EOS either way. A question whose prompt and new
+    tokens exceed the model's context is skipped and counted as `skipped` in
+    its split.
     """
     data_dir = Path(data_dir)
     results: dict = {"settings": sample_settings(config, guidance=guidance, length_from_reference=length_from_reference),
@@ -69,15 +75,24 @@ def evaluate_reversal(
         records = read_jsonl(data_dir / file)
         if limit:
             records = records[:limit]
+        if length_from_reference:
+            wanted = [len(tokenizer.encode(record["completion"])) + 1 for record in records]
+        else:
+            wanted = [config.max_new_tokens] * len(records)
+        fits = [len(encode_prompt(tokenizer, record["prompt"], model.config.kind)) + new <= model.config.block_size
+                for record, new in zip(records, wanted)]
+        skipped = fits.count(False)
+        if skipped:
+            log.warning("%s: skipping %d of %d questions whose prompt and new tokens exceed the context of %d tokens",
+                        split, skipped, len(records), model.config.block_size)
+        records = [record for record, ok in zip(records, fits) if ok]
         prompts = [record["prompt"] for record in records]
         references = [record["completion"] for record in records]
-        lengths = None
-        if length_from_reference:
-            lengths = [len(tokenizer.encode(reference)) + 1 for reference in references]
+        lengths = [new for new, ok in zip(wanted, fits) if ok] if length_from_reference else None
         outputs = generate_texts(model, tokenizer, prompts, config, guidance=guidance, max_new_tokens=lengths,
                                  batch_size=batch_size)
         metrics = reversal_metrics(outputs, references)
-        metrics.update(direction=direction, trained_direction=trained, file=file)
+        metrics.update(direction=direction, trained_direction=trained, file=file, skipped=skipped)
         results["splits"][split] = metrics
         results.setdefault("examples", {})[split] = [
             {"prompt": p, "reference": r, "output": o} for p, r, o in list(zip(prompts, references, outputs))[:5]
@@ -88,10 +103,10 @@ def evaluate_reversal(
 def report_markdown(results: dict, checkpoint: str) -> str:
     lines = [
         "# Reversal curse", "", f"Checkpoint: `{checkpoint}`", "",
-        "| split | question | trained direction | n | exact match | BLEU |",
-        "|---|---|---|---:|---:|---:|",
+        "| split | question | trained direction | n | skipped | exact match | BLEU |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for split, metrics in results["splits"].items():
         lines.append(f"| {split} | {metrics['direction']} | {'yes' if metrics['trained_direction'] else 'no'} | "
-                     f"{metrics['n']} | {metrics['exact_match']:.3f} | {metrics['bleu']:.2f} |")
+                     f"{metrics['n']} | {metrics['skipped']} | {metrics['exact_match']:.3f} | {metrics['bleu']:.2f} |")
     return "\n".join(lines)
