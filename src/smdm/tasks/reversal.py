@@ -76,11 +76,11 @@ def evaluate_reversal(
         if limit:
             records = records[:limit]
         if length_from_reference:
-            wanted = [len(tokenizer.encode(record["completion"])) + 1 for record in records]
+            new_counts = [len(tokenizer.encode(record["completion"])) + 1 for record in records]
         else:
-            wanted = [config.max_new_tokens] * len(records)
+            new_counts = [config.max_new_tokens] * len(records)
         fits = [len(encode_prompt(tokenizer, record["prompt"], model.config.kind)) + new <= model.config.block_size
-                for record, new in zip(records, wanted)]
+                for record, new in zip(records, new_counts)]
         skipped = fits.count(False)
         if skipped:
             log.warning("%s: skipping %d of %d questions whose prompt and new tokens exceed the context of %d tokens",
@@ -88,7 +88,7 @@ def evaluate_reversal(
         records = [record for record, ok in zip(records, fits) if ok]
         prompts = [record["prompt"] for record in records]
         references = [record["completion"] for record in records]
-        lengths = [new for new, ok in zip(wanted, fits) if ok] if length_from_reference else None
+        lengths = [new for new, ok in zip(new_counts, fits) if ok] if length_from_reference else None
         outputs = generate_texts(model, tokenizer, prompts, config, guidance=guidance, max_new_tokens=lengths,
                                  batch_size=batch_size)
         metrics = reversal_metrics(outputs, references)
