@@ -190,6 +190,26 @@ def test_reversal_cli_on_real_questions(tmp_path):
     assert "| p2d_reversed |" in (tmp_path / "out" / "reversal.md").read_text()
 
 
+@pytest.mark.parametrize("kind", ["mdm", "arm"])
+def test_eos_only_last_fills_canvas(kind):
+    model, tokenizer = _tiny_with_tokenizer(kind, ["one two three four five six"] * 10)
+    # Make EOS the top prediction everywhere, so only the option can keep it out of the canvas.
+    model.lm_head.register_forward_hook(lambda module, args, out: out.index_add(
+        -1, torch.tensor([tokenizer.eos_id]), torch.full((*out.shape[:-1], 1), 100.0)))
+    decoded = []
+    decode = tokenizer.decode
+    tokenizer.decode = lambda ids, **options: decoded.append(list(ids)) or decode(ids, **options)
+    config = SampleConfig(max_new_tokens=6, steps=6, temperature=0.0, sampler="low_confidence")
+    prompts = ["one two", "three"]
+    generate_texts(model, tokenizer, prompts, config)
+    assert decoded == [[], []]
+    decoded.clear()
+    generate_texts(model, tokenizer, prompts, config, max_new_tokens=[3, 5], eos_only_last=True)
+    # Each row keeps every token before its last one; the last is EOS and is cut.
+    assert [len(ids) for ids in decoded] == [2, 4]
+    assert all(tokenizer.eos_id not in ids for ids in decoded)
+
+
 def test_reversal_skips_questions_over_context():
     data = shared_path("reversal_curse/reverse_experiments/june_version_7921032488")
     records = read_jsonl(data / "p2d_prompts_test.jsonl")[:40]

@@ -163,6 +163,8 @@ def add_task(parser: argparse.ArgumentParser) -> None:
     reversal.add_argument("--fixed-length", action="store_true",
                           help="use --max-new-tokens for every question instead of the reference length plus one")
     reversal.add_argument("--batch-size", type=int, default=32)
+    reversal.add_argument("--eos-only-last", action="store_true",
+                          help="allow EOS only as the last new token, so every answer fills its canvas")
     _add_sampling(reversal, 32)
 
     temporal = sub.add_parser("temporal", help="perplexity (ARM) and its bound (MDM) of dated text by period")
@@ -247,7 +249,7 @@ def _run_reversal(args: argparse.Namespace) -> int:
     model, tokenizer, loaded = _load(args, args.checkpoint)
     results = evaluate_reversal(model, tokenizer, args.data, _sample_config(args), limit=args.limit,
                                 length_from_reference=not args.fixed_length, guidance=args.guidance,
-                                batch_size=args.batch_size)
+                                batch_size=args.batch_size, eos_only_last=args.eos_only_last)
     results.update(checkpoint=str(loaded.folder), kind=model.config.kind)
     print(json.dumps({split: {k: v for k, v in m.items() if k in ("exact_match", "bleu", "n")}
                       for split, m in results["splits"].items()}, indent=2))

@@ -26,6 +26,7 @@ def generate_texts(
     max_new_tokens: Sequence[int] | None = None,
     batch_size: int = 16,
     truncate_prompts: bool = False,
+    eos_only_last: bool = False,
 ) -> list[str]:
     """Generate one continuation per prompt; return the decoded texts in prompt order.
 
@@ -34,6 +35,8 @@ def generate_texts(
     scale above 0 turns on the sampler's unsupervised classifier-free guidance.
     With truncate_prompts, a prompt that leaves too little room for its new
     tokens keeps only its last tokens (see keep_prompt_end); otherwise it raises.
+    With eos_only_last, EOS may only be chosen as the last of a prompt's new
+    tokens, so every answer fills its canvas.
     """
     if guidance and not model.config.is_mdm:
         raise ValueError(f"guidance scale {guidance} needs an MDM; use 0 for an ARM")
@@ -48,6 +51,8 @@ def generate_texts(
     texts: list[str] = [""] * len(prompts)
     for new_tokens, members in sorted(groups.items()):
         group_config = replace(config, max_new_tokens=new_tokens, cfg=guidance)
+        if eos_only_last:
+            group_config = replace(group_config, min_new_tokens=new_tokens - 1)
         for start in range(0, len(members), batch_size):
             chunk = members[start : start + batch_size]
             # A seed per prompt, so a prompt's output does not depend on the batch it lands in.

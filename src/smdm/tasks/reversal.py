@@ -56,6 +56,7 @@ def evaluate_reversal(
     length_from_reference: bool = True,
     guidance: float = 0.0,
     batch_size: int = 32,
+    eos_only_last: bool = False,
 ) -> dict:
     """Generate completions for each test split and score them.
 
@@ -63,11 +64,13 @@ def evaluate_reversal(
     token count plus one (for EOS) new tokens, because the MDM fills a fixed
     canvas. The ARM stops at EOS either way. A question whose prompt and new
     tokens exceed the model's context is skipped and counted as `skipped` in
-    its split.
+    its split. With eos_only_last EOS may only end the canvas, so a model
+    cannot answer with an empty string.
     """
     data_dir = Path(data_dir)
-    results: dict = {"settings": sample_settings(config, guidance=guidance, length_from_reference=length_from_reference),
-                     "splits": {}}
+    settings = sample_settings(config, guidance=guidance, length_from_reference=length_from_reference,
+                               eos_only_last=eos_only_last)
+    results: dict = {"settings": settings, "splits": {}}
     for split in splits:
         if split not in TEST_SPLITS:
             raise ValueError(f"unknown reversal split {split!r}; choose from {sorted(TEST_SPLITS)}")
@@ -90,7 +93,7 @@ def evaluate_reversal(
         references = [record["completion"] for record in records]
         lengths = [new for new, ok in zip(new_counts, fits) if ok] if length_from_reference else None
         outputs = generate_texts(model, tokenizer, prompts, config, guidance=guidance, max_new_tokens=lengths,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, eos_only_last=eos_only_last)
         metrics = reversal_metrics(outputs, references)
         metrics.update(direction=direction, trained_direction=trained, file=file, skipped=skipped)
         results["splits"][split] = metrics
