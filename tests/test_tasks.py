@@ -45,7 +45,7 @@ from smdm.tasks.mt_bench import (
     truncated_questions,
     write_answers,
 )
-from smdm.tasks.reversal import evaluate_reversal, reversal_metrics
+from smdm.tasks.reversal import candidate_ranking, evaluate_reversal, reversal_metrics
 from smdm.tasks.temporal import evaluate_periods, group_by_period, plot_periods, read_dated_texts, report_markdown
 
 DEVICE = "cpu"
@@ -189,6 +189,14 @@ def test_reversal_cli_on_real_questions(tmp_path):
     assert all(m["n"] == 2 for m in results["splits"].values())
     assert "| p2d_reversed |" in (tmp_path / "out" / "reversal.md").read_text()
 
+    assert main(["task", "reversal", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(data), "--out",
+                 str(tmp_path / "ranked"), "--limit", "2", "--split", "p2d_reversed", "--rank", "--device", DEVICE]) == 0
+    ranked = json.loads((tmp_path / "ranked" / "reversal.json").read_text())
+    assert list(ranked["splits"]) == ["p2d_reversed"]
+    # The candidates are the 30 distinct names of the whole split, not only those of the 2 questions asked.
+    assert ranked["splits"]["p2d_reversed"]["ranking"]["candidates"] == 30
+    assert "top-1 of candidates" in (tmp_path / "ranked" / "reversal.md").read_text()
+
 
 @pytest.mark.parametrize("kind", ["mdm", "arm"])
 def test_eos_only_last_fills_canvas(kind):
@@ -208,6 +216,33 @@ def test_eos_only_last_fills_canvas(kind):
     # Each row keeps every token before its last one; the last is EOS and is cut.
     assert [len(ids) for ids in decoded] == [2, 4]
     assert all(tokenizer.eos_id not in ids for ids in decoded)
+
+
+def test_candidate_ranking_matches_direct_scores():
+    data = shared_path("reversal_curse/reverse_experiments/june_version_7921032488")
+    records = read_jsonl(data / "p2d_reverse_prompts_test.jsonl")[::60]
+    model, tokenizer = _tiny_with_tokenizer("arm", [r["prompt"] + r["completion"] for r in records])
+    candidates = sorted({r["completion"] for r in records})
+    prompts, references = [r["prompt"] for r in records], [r["completion"] for r in records]
+    ranking = candidate_ranking(model, tokenizer, prompts, references, candidates)
+
+    # Score each pair with one forward pass over EOS, prompt and candidate.
+    ranks = []
+    for prompt, reference in zip(prompts, references):
+        scores = {}
+        for candidate in candidates:
+            context = [tokenizer.eos_id] + tokenizer.encode(prompt)
+            ids = torch.tensor([context + tokenizer.encode(candidate)])
+            with torch.no_grad():
+                logprobs = F.log_softmax(model(ids[:, :-1]).double(), dim=-1)[0]
+            targets = ids[0, len(context) :]
+            scores[candidate] = logprobs[len(context) - 1 :].gather(1, targets[:, None]).sum().item()
+        ranks.append(1 + sum(score >= scores[reference] for c, score in scores.items() if c != reference))
+    assert ranking["candidates"] == len(candidates)
+    assert ranking["top1"] == pytest.approx(sum(rank == 1 for rank in ranks) / len(ranks))
+    assert ranking["mean_rank"] == pytest.approx(sum(ranks) / len(ranks))
+    with pytest.raises(ValueError, match="must be one of the candidates"):
+        candidate_ranking(model, tokenizer, prompts, references, candidates[1:])
 
 
 def test_reversal_skips_questions_over_context():

@@ -164,7 +164,14 @@ def add_task(parser: argparse.ArgumentParser) -> None:
                           help="use --max-new-tokens for every question instead of the reference length plus one")
     reversal.add_argument("--batch-size", type=int, default=32)
     reversal.add_argument("--eos-only-last", action="store_true",
-                          help="allow EOS only as the last new token, so every answer fills its canvas")
+                          help="allow EOS only as the last new token, so every generated completion fills its canvas")
+    splits = ("p2d_same", "p2d_reversed", "d2p_same", "d2p_reversed")
+    reversal.add_argument("--split", action="append", default=None, choices=splits,
+                          help="evaluate this split; repeat for several (default: all four)")
+    reversal.add_argument("--rank", action="store_true",
+                          help="also rank every distinct completion of a split as the answer to each question, "
+                               "by log-likelihood (a Monte Carlo bound for an MDM)")
+    reversal.add_argument("--rank-mc-samples", type=int, default=32, help="Monte Carlo draws per candidate (MDM)")
     _add_sampling(reversal, 32)
 
     temporal = sub.add_parser("temporal", help="perplexity (ARM) and its bound (MDM) of dated text by period")
@@ -244,12 +251,14 @@ def _run_gsm8k(args: argparse.Namespace) -> int:
 
 def _run_reversal(args: argparse.Namespace) -> int:
     from smdm.tasks.common import write_results
-    from smdm.tasks.reversal import evaluate_reversal, report_markdown
+    from smdm.tasks.reversal import TEST_SPLITS, evaluate_reversal, report_markdown
 
     model, tokenizer, loaded = _load(args, args.checkpoint)
     results = evaluate_reversal(model, tokenizer, args.data, _sample_config(args), limit=args.limit,
                                 length_from_reference=not args.fixed_length, guidance=args.guidance,
-                                batch_size=args.batch_size, eos_only_last=args.eos_only_last)
+                                splits=args.split or tuple(TEST_SPLITS),
+                                batch_size=args.batch_size, eos_only_last=args.eos_only_last, rank=args.rank,
+                                rank_mc_samples=args.rank_mc_samples)
     results.update(checkpoint=str(loaded.folder), kind=model.config.kind)
     print(json.dumps({split: {k: v for k, v in m.items() if k in ("exact_match", "bleu", "n")}
                       for split, m in results["splits"].items()}, indent=2))

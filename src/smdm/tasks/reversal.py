@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import sacrebleu
+import torch
 
 from smdm.data.corpus import read_jsonl
 from smdm.data.tokenizer import Tokenizer
@@ -57,6 +58,8 @@ def evaluate_reversal(
     guidance: float = 0.0,
     batch_size: int = 32,
     eos_only_last: bool = False,
+    rank: bool = False,
+    rank_mc_samples: int = 32,
 ) -> dict:
     """Generate completions for each test split and score them.
 
@@ -65,7 +68,8 @@ def evaluate_reversal(
     canvas. The ARM stops at EOS either way. A question whose prompt and new
     tokens exceed the model's context is skipped and counted as `skipped` in
     its split. With eos_only_last EOS may only end the canvas, so a model
-    cannot answer with an empty string.
+    cannot answer with an empty string. With rank, each split also gets
+    the ranking of candidate_ranking.
     """
     data_dir = Path(data_dir)
     settings = sample_settings(config, guidance=guidance, length_from_reference=length_from_reference,
@@ -76,6 +80,7 @@ def evaluate_reversal(
             raise ValueError(f"unknown reversal split {split!r}; choose from {sorted(TEST_SPLITS)}")
         file, direction, trained = TEST_SPLITS[split]
         records = read_jsonl(data_dir / file)
+        candidates = sorted({record["completion"] for record in records})
         if limit:
             records = records[:limit]
         if length_from_reference:
@@ -96,6 +101,9 @@ def evaluate_reversal(
                                  batch_size=batch_size, eos_only_last=eos_only_last)
         metrics = reversal_metrics(outputs, references)
         metrics.update(direction=direction, trained_direction=trained, file=file, skipped=skipped)
+        if rank:
+            metrics["ranking"] = candidate_ranking(model, tokenizer, prompts, references, candidates,
+                                                   mc_samples=rank_mc_samples, seed=config.seed)
         results["splits"][split] = metrics
         results.setdefault("examples", {})[split] = [
             {"prompt": p, "reference": r, "output": o} for p, r, o in list(zip(prompts, references, outputs))[:5]
@@ -103,13 +111,60 @@ def evaluate_reversal(
     return results
 
 
+def candidate_ranking(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    references: Sequence[str],
+    candidates: Sequence[str],
+    *,
+    mc_samples: int = 32,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict:
+    """Score every candidate as the completion of every prompt; return how often the reference ranks first.
+
+    The score is log p(candidate | prompt) summed over the candidate's
+    tokens: exact for an ARM, the Monte Carlo ELBO with mc_samples draws for
+    an MDM (draws shared by the candidates of a prompt). A model that holds
+    a fact in the asked direction ranks its reference above the split's other
+    completions even when it cannot write it out. Chance is 1 / len(candidates).
+    """
+    from smdm.evaluate.likelihood import arm_loglikelihood, mdm_mc_loglikelihood
+
+    if any(reference not in candidates for reference in references):
+        raise ValueError("every reference must be one of the candidates; pass the distinct completions of the whole split")
+    kind = model.config.kind
+    encoded = [tokenizer.encode(candidate) for candidate in candidates]
+    requests = [(encode_prompt(tokenizer, prompt, kind), ids) for prompt in prompts for ids in encoded]
+    if model.config.is_mdm:
+        scores = mdm_mc_loglikelihood(model, requests, mc_samples=mc_samples, batch_size=batch_size, seed=seed)
+    else:
+        scores = [score for score, _ in arm_loglikelihood(model, requests, batch_size=batch_size)]
+    table = torch.tensor(scores, dtype=torch.float64).view(len(prompts), len(candidates))  # (Q, C)
+    truth = torch.tensor([candidates.index(reference) for reference in references])
+    correct = table.gather(1, truth[:, None])  # (Q, 1)
+    # Rank 1 is the best; a tie with the reference counts against it.
+    ranks = (table > correct).sum(dim=1) + (table == correct).sum(dim=1)
+    return {"candidates": len(candidates), "top1": (ranks == 1).double().mean().item(),
+            "mean_rank": ranks.double().mean().item(), "chance_top1": 1 / len(candidates),
+            "estimator": "mc_elbo" if model.config.is_mdm else "exact", "mc_samples": mc_samples}
+
+
 def report_markdown(results: dict, checkpoint: str) -> str:
-    lines = [
-        "# Reversal curse", "", f"Checkpoint: `{checkpoint}`", "",
-        "| split | question | trained direction | n | skipped | exact match | BLEU |",
-        "|---|---|---|---:|---:|---:|---:|",
-    ]
+    ranked = any("ranking" in metrics for metrics in results["splits"].values())
+    header = "| split | question | trained direction | n | skipped | exact match | BLEU |"
+    rule = "|---|---|---|---:|---:|---:|---:|"
+    if ranked:
+        header += " top-1 of candidates | mean rank |"
+        rule += "---:|---:|"
+    lines = ["# Reversal curse", "", f"Checkpoint: `{checkpoint}`", "", header, rule]
     for split, metrics in results["splits"].items():
-        lines.append(f"| {split} | {metrics['direction']} | {'yes' if metrics['trained_direction'] else 'no'} | "
-                     f"{metrics['n']} | {metrics['skipped']} | {metrics['exact_match']:.3f} | {metrics['bleu']:.2f} |")
+        line = (f"| {split} | {metrics['direction']} | {'yes' if metrics['trained_direction'] else 'no'} | "
+                f"{metrics['n']} | {metrics['skipped']} | {metrics['exact_match']:.3f} | {metrics['bleu']:.2f} |")
+        if ranked:
+            ranking = metrics.get("ranking")
+            line += (f" {ranking['top1']:.3f} (chance {ranking['chance_top1']:.3f}) | {ranking['mean_rank']:.1f} of "
+                     f"{ranking['candidates']} |" if ranking else " | |")
+        lines.append(line)
     return "\n".join(lines)
