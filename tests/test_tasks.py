@@ -159,6 +159,28 @@ def test_gsm8k_skips_problems_too_long_for_context():
     assert [record["question"] for record in results["records"]] == ["2 + 2?"]
 
 
+def test_gsm8k_cli_uses_block_decoding(tmp_path):
+    from smdm.checkpoint import save_checkpoint
+
+    rows = read_jsonl(shared_path("gsm8k/openai/test.jsonl"))[:2]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    model, tokenizer = _tiny_with_tokenizer("mdm", [row["question"] + row["answer"] for row in rows], block_size=192)
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer)
+    assert main(["task", "gsm8k", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "test.jsonl"),
+                 "--out", str(tmp_path / "out"), "--reasoning-max-new-tokens", "8", "--reasoning-steps", "8",
+                 "--reasoning-block-length", "4", "--answer-max-new-tokens", "4", "--answer-steps", "4",
+                 "--device", DEVICE]) == 0
+    results = json.loads((tmp_path / "out" / "gsm8k.json").read_text())
+    assert results["settings"]["reasoning"]["block_length"] == 4
+    assert results["settings"]["answer"]["block_length"] == 0
+
+    # The same two stages run directly with blocks of 4 give the same reasoning.
+    blocks = SampleConfig(max_new_tokens=8, steps=8, temperature=0.0, sampler="low_confidence", block_length=4)
+    answer = SampleConfig(max_new_tokens=4, steps=4, temperature=0.0, sampler="low_confidence")
+    direct = evaluate_two_stage(model, tokenizer, read_problems(tmp_path / "test.jsonl"), blocks, answer)
+    assert [r["reasoning"] for r in results["records"]] == [r["reasoning"] for r in direct["records"]]
+
+
 # Reversal curse
 def test_reversal_metrics_hand_outputs():
     references = [" Daphne Barrington", " the director of \"A Journey Through Time.\"."]

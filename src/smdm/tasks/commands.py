@@ -118,6 +118,8 @@ def _add_sampling(parser: argparse.ArgumentParser, max_new_tokens: int, prefix: 
     parser.add_argument(f"{dash}steps", type=int, default=max_new_tokens, help=f"MDM forward passes{what}")
     parser.add_argument(f"{dash}temperature", type=float, default=0.0, help=f"0 is greedy{what}")
     parser.add_argument(f"{dash}sampler", choices=SAMPLERS, default="low_confidence", help=f"MDM remasking rule{what}")
+    parser.add_argument(f"{dash}block-length", type=int, default=0,
+                        help=f"MDM semi-autoregressive blocks of this many tokens, left to right (0: one block){what}")
     parser.add_argument(f"{dash}guidance", type=float, default=0.0,
                         help=f"classifier-free guidance scale w (MDM; 0 is none){what}")
 
@@ -128,7 +130,7 @@ def _sample_config(args: argparse.Namespace, prefix: str = ""):
     key = f"{prefix}_" if prefix else ""
     return SampleConfig(max_new_tokens=getattr(args, f"{key}max_new_tokens"), steps=getattr(args, f"{key}steps"),
                         temperature=getattr(args, f"{key}temperature"), sampler=getattr(args, f"{key}sampler"),
-                        seed=args.seed)
+                        block_length=getattr(args, f"{key}block_length"), seed=args.seed)
 
 
 def _add_common(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
