@@ -321,3 +321,24 @@ def test_signal_saves_checkpoint_then_stops(tmp_path, monkeypatch):
     resumed = finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=128), tokenizer, pairs,
                        tmp_path / "stopped", config, resume=True)
     assert resumed.losses == straight.losses[3:]
+
+
+def test_prompt_template_wraps_prompts_and_is_saved(tmp_path, monkeypatch):
+    pairs = [PromptResponse("2+2?", "4"), PromptResponse("Name a {colour}.", "Red")]
+    tokenizer = train_bpe(["User: 2+2?\nAssistant: 4", "Name a {colour}. Red"] * 10, 300)
+    seen = []
+    original = smdm.finetune.encode_pairs
+    monkeypatch.setattr(smdm.finetune, "encode_pairs", lambda tok, given, *rest: seen.extend(given) or original(tok, given, *rest))
+    config = FinetuneConfig(seq_len=32, batch_size=2, steps=1, precision="fp32",
+                            prompt_template="User: {prompt}\nAssistant:")
+    finetune(tiny_model("mdm", vocab_size=tokenizer.vocab_size, block_size=32), tokenizer, pairs, tmp_path, config)
+    assert [pair.prompt for pair in seen] == ["User: 2+2?\nAssistant:", "User: Name a {colour}.\nAssistant:"]
+    assert [pair.response for pair in seen] == ["4", "Red"]
+    _, _, checkpoint = load_model(tmp_path)
+    assert checkpoint.train_config["finetune"]["prompt_template"] == "User: {prompt}\nAssistant:"
+
+
+@pytest.mark.parametrize("template", ["User: prompt", "{prompt} {prompt}"])
+def test_prompt_template_needs_one_slot(template):
+    with pytest.raises(ValueError, match="must contain {prompt} exactly once"):
+        FinetuneConfig(prompt_template=template)

@@ -345,6 +345,25 @@ def test_mt_bench_answer_file_fields(tmp_path):
     assert json.loads(settings_path.read_text())["sampler"]["steps"] == 4
 
 
+def test_mt_bench_answer_uses_checkpoint_template(tmp_path):
+    from smdm.checkpoint import save_checkpoint
+
+    questions = read_jsonl(shared_path("mt_bench/question.jsonl"))[:2]
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions), encoding="utf-8")
+    model, tokenizer = _tiny_with_tokenizer("arm", [q["turns"][0] for q in questions], block_size=512)
+    template = "User: {prompt}\nAssistant:"
+    save_checkpoint(tmp_path / "ckpt", model, tokenizer, train_config={"finetune": {"prompt_template": template}})
+    assert main(["task", "mt-bench-answer", "--checkpoint", str(tmp_path / "ckpt"), "--questions",
+                 str(tmp_path / "questions.jsonl"), "--out", str(tmp_path / "out"), "--model-id", "tiny",
+                 "--max-new-tokens", "6", "--device", DEVICE]) == 0
+    settings = json.loads((tmp_path / "out" / "tiny.settings.json").read_text())
+    assert settings["prompt_template"] == template
+    answers = [json.loads(line)["choices"][0]["turns"][0] for line in (tmp_path / "out" / "tiny.jsonl").open()]
+    config = SampleConfig(max_new_tokens=6, temperature=0.0)
+    wrapped = [f"User: {q['turns'][0]}\nAssistant:" for q in questions]
+    assert answers == [text.strip() for text in generate_texts(model, tokenizer, wrapped, config, batch_size=8)]
+
+
 def test_keep_prompt_end_per_kind():
     assert keep_prompt_end([5, 6, 7, 8, 9], 3, "mdm") == [7, 8, 9]
     assert keep_prompt_end([0, 6, 7, 8, 9], 3, "arm") == [0, 8, 9]

@@ -69,6 +69,17 @@ from smdm.train import StopRequest, build_optimizer, format_duration, lr_at
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+PROMPT_SLOT = "{prompt}"
+
+
+def apply_prompt_template(template: str, prompt: str) -> str:
+    """Put prompt into the template's {prompt} slot; other braces in either text are kept as they are."""
+    return template.replace(PROMPT_SLOT, prompt, 1)
+
+
+def checkpoint_prompt_template(train_config: dict) -> str:
+    """Return the prompt template a checkpoint was fine-tuned with ("{prompt}" for any other checkpoint)."""
+    return (train_config.get("finetune") or {}).get("prompt_template", PROMPT_SLOT)
 
 
 @dataclass
@@ -94,6 +105,9 @@ class FinetuneConfig:
     """Score the EOS padding after the response's closing EOS (the closing EOS is always scored)."""
     train_on_prompt: bool = False
     """Noise (MDM) and score the prompt as well, so the whole row is training text."""
+    prompt_template: str = "{prompt}"
+    """Text that wraps every prompt, with {prompt} where the prompt goes (a chat format such as
+    "User: {prompt}\nAssistant:"). It is saved with the checkpoints, and the answering tasks apply it."""
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -110,6 +124,8 @@ class FinetuneConfig:
             problems.append(f"micro_batch={self.micro_batch} must be 0 (a process's whole share) or positive")
         if not 0 <= self.prompt_dropout <= 1:
             problems.append(f"prompt_dropout={self.prompt_dropout} must lie in [0, 1]")
+        if self.prompt_template.count(PROMPT_SLOT) != 1:
+            problems.append(f"prompt_template={self.prompt_template!r} must contain {PROMPT_SLOT} exactly once")
         if self.prompt_dropout and self.train_on_prompt:
             problems.append("prompt_dropout needs a protected prompt; drop --train-on-prompt or set it to 0")
         if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
@@ -273,6 +289,9 @@ def finetune(
         )
     rows = rows_of_rank(config.batch_size, context.rank, context.world_size)
     micro, accumulation = local_micro_batch(config.batch_size, config.micro_batch, context.world_size)
+    if config.prompt_template != PROMPT_SLOT:
+        pairs = [PromptResponse(apply_prompt_template(config.prompt_template, pair.prompt), pair.response)
+                 for pair in pairs]
     encoded = encode_pairs(tokenizer, pairs, config.seq_len, kind)
     if encoded.skipped and context.is_main:
         log.warning("skipped %d of %d pairs longer than seq_len=%d", encoded.skipped, len(pairs), config.seq_len)

@@ -48,6 +48,10 @@ def add_finetune(parser: argparse.ArgumentParser) -> None:
                        help="probability that a row's prompt is replaced by mask tokens, for standard CFG (MDM)")
     group.add_argument("--no-score-padding", action="store_true",
                        help="leave the EOS padding after the response's closing EOS out of the loss")
+    group.add_argument("--prompt-template", default=defaults.prompt_template,
+                       help="text around every prompt, with {prompt} where it goes, for example "
+                            "'User: {prompt}\\nAssistant:' (\\n is a newline); saved with the run, and "
+                            "mt-bench-answer applies it")
     group.add_argument("--train-on-prompt", action="store_true",
                        help="noise (MDM) and score the prompt too, so the whole row is training text")
     group.add_argument("--checkpoint-interval", type=int, default=defaults.checkpoint_interval,
@@ -73,6 +77,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, prompt_dropout=args.prompt_dropout,
         score_padding=not args.no_score_padding, train_on_prompt=args.train_on_prompt,
+        prompt_template=args.prompt_template.replace("\\n", "\n"),
         checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval, seed=args.seed,
         precision=args.precision, device=args.device,
     )
@@ -194,6 +199,9 @@ def add_task(parser: argparse.ArgumentParser) -> None:
     answer.add_argument("--questions", required=True, help="MT-Bench question.jsonl")
     answer.add_argument("--model-id", default=None, help="model_id in the answer file (default: the run folder name)")
     answer.add_argument("--limit", type=int, default=0, help="answer the first N questions (0: all)")
+    answer.add_argument("--prompt-template", default=None,
+                        help="text around each question, with {prompt} where it goes (default: the template the "
+                             "checkpoint was fine-tuned with, or the bare question)")
     answer.add_argument("--batch-size", type=int, default=8)
     _add_sampling(answer, 256)
 
@@ -296,6 +304,7 @@ def _run_temporal(args: argparse.Namespace) -> int:
 
 def _run_mt_bench_answer(args: argparse.Namespace) -> int:
     from smdm.data.corpus import read_jsonl
+    from smdm.finetune import PROMPT_SLOT, checkpoint_prompt_template
     from smdm.tasks.mt_bench import answer_settings, generate_answers, truncated_questions, write_answers
 
     model, tokenizer, loaded = _load(args, args.checkpoint)
@@ -304,15 +313,19 @@ def _run_mt_bench_answer(args: argparse.Namespace) -> int:
         questions = questions[: args.limit]
     model_id = args.model_id or Path(args.checkpoint).resolve().name
     config = _sample_config(args)
-    truncated = truncated_questions(tokenizer, model, questions, config.max_new_tokens)
+    template = args.prompt_template
+    template = checkpoint_prompt_template(loaded.train_config) if template is None else template.replace("\\n", "\n")
+    if template.count(PROMPT_SLOT) != 1:
+        raise ValueError(f"--prompt-template {template!r} must contain {PROMPT_SLOT} exactly once")
+    truncated = truncated_questions(tokenizer, model, questions, config.max_new_tokens, template)
     if truncated:
         print(f"{len(truncated)} of {len(questions)} questions are longer than the model's context of "
               f"{model.config.block_size} tokens minus --max-new-tokens {config.max_new_tokens}; each keeps its last "
               f"tokens (question ids {truncated})", file=sys.stderr)
     records = generate_answers(model, tokenizer, questions, config, model_id, guidance=args.guidance,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, prompt_template=template)
     out = Path(args.out) / f"{model_id}.jsonl"
-    settings = answer_settings(config, model_id, str(loaded.folder), args.guidance, truncated)
+    settings = answer_settings(config, model_id, str(loaded.folder), args.guidance, truncated, template)
     _print_written(write_answers(records, out, settings))
     return 0
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from smdm.data.corpus import read_jsonl
 from smdm.data.tokenizer import Tokenizer
+from smdm.finetune import PROMPT_SLOT, apply_prompt_template
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
 from smdm.sampling_api import encode_prompt
@@ -59,24 +60,27 @@ def generate_answers(
     *,
     guidance: float = 0.0,
     batch_size: int = 8,
+    prompt_template: str = PROMPT_SLOT,
 ) -> list[dict]:
     """Answer the first turn of each question; return FastChat answer records in question order.
 
-    A question too long for the model's context beside config.max_new_tokens
-    keeps only its last tokens; truncated_questions lists them.
+    Each question is put into prompt_template (the chat format of the
+    fine-tuning run). A prompt too long for the model's context beside
+    config.max_new_tokens keeps only its last tokens; truncated_questions lists them.
     """
-    prompts = [question["turns"][0] for question in questions]
+    prompts = [apply_prompt_template(prompt_template, question["turns"][0]) for question in questions]
     answers = generate_texts(model, tokenizer, prompts, config, guidance=guidance, batch_size=batch_size,
                              truncate_prompts=True)
     return [answer_record(q["question_id"], model_id, a.strip()) for q, a in zip(questions, answers)]
 
 
 def truncated_questions(tokenizer: Tokenizer, model: Transformer, questions: Sequence[dict],
-                        max_new_tokens: int) -> list[int]:
-    """Return the ids of the questions whose first turn generate_answers shortens to fit the context."""
+                        max_new_tokens: int, prompt_template: str = PROMPT_SLOT) -> list[int]:
+    """Return the ids of the questions whose prompt generate_answers shortens to fit the context."""
     room = model.config.block_size - max_new_tokens
     return [question["question_id"] for question in questions
-            if len(encode_prompt(tokenizer, question["turns"][0], model.config.kind)) > room]
+            if len(encode_prompt(tokenizer, apply_prompt_template(prompt_template, question["turns"][0]),
+                                 model.config.kind)) > room]
 
 
 def write_answers(records: Sequence[dict], path: str | Path, settings: dict) -> tuple[Path, Path]:
@@ -92,8 +96,8 @@ def write_answers(records: Sequence[dict], path: str | Path, settings: dict) -> 
 
 
 def answer_settings(config: SampleConfig, model_id: str, checkpoint: str, guidance: float,
-                    truncated: Sequence[int] = ()) -> dict:
-    return {"model_id": model_id, "checkpoint": checkpoint, "turns": 1,
+                    truncated: Sequence[int] = (), prompt_template: str = PROMPT_SLOT) -> dict:
+    return {"model_id": model_id, "checkpoint": checkpoint, "turns": 1, "prompt_template": prompt_template,
             "sampler": sample_settings(config, guidance=guidance), "truncated_question_ids": list(truncated)}
 
 
