@@ -29,8 +29,8 @@ from safetensors.torch import load_file
 import smdm.train
 from smdm.checkpoint import CHECKPOINTS_DIR, LATEST_FILE, MODEL_FILE, OPTIMIZER_FILE
 from smdm.config import ModelConfig, TrainConfig
-from smdm.data.shards import TokenData, prepare
 from smdm.data.sft import read_prompt_response
+from smdm.data.shards import TokenData, prepare
 from smdm.data.tokenizer import Tokenizer, train_bpe
 from smdm.distributed import local_micro_batch, rows_of_rank, setup_distributed
 from smdm.finetune import FinetuneConfig, finetune
@@ -200,8 +200,7 @@ def sft_dir(tmp_path_factory) -> Path:
     tokenizer = train_bpe((text for pair in pairs for text in (pair.prompt, pair.response)), 300)
     tokenizer.save(folder)
     with open(folder / "pairs.jsonl", "w", encoding="utf-8") as handle:
-        for pair in pairs:
-            handle.write(json.dumps({"prompt": pair.prompt, "response": pair.response}) + "\n")
+        handle.writelines(json.dumps({"prompt": pair.prompt, "response": pair.response}) + "\n" for pair in pairs)
     return folder
 
 

@@ -105,13 +105,13 @@ class SFTBatch:
     padding: torch.Tensor
     """True at the padding after the response's EOS."""
 
-    def to(self, device: torch.device) -> "SFTBatch":
+    def to(self, device: torch.device) -> SFTBatch:
         return SFTBatch(*(value.to(device) for value in (self.tokens, self.prompt, self.response, self.padding)))
 
     def __len__(self) -> int:
         return self.tokens.size(0)
 
-    def __getitem__(self, rows: slice) -> "SFTBatch":
+    def __getitem__(self, rows: slice) -> SFTBatch:
         return SFTBatch(*(value[rows] for value in (self.tokens, self.prompt, self.response, self.padding)))
 
 
