@@ -241,13 +241,16 @@ def test_finetune_cli_from_scratch(tmp_path):
     data = shared_path("reversal_curse/reverse_experiments/june_version_7921032488/p2d_prompts_train.jsonl")
     code = main(["finetune", "--data", str(data), "--response-field", "completion", "--train-on-prompt",
                  "--out", str(tmp_path / "run"), "--kind", "mdm", "--model", "tiny-0.1M", "--vocab-size", "300",
-                 "--limit", "16", "--seq-len", "96", "--batch-size", "4", "--steps", "2", "--device", DEVICE])
+                 "--limit", "16", "--seq-len", "96", "--batch-size", "4", "--steps", "2", "--device", DEVICE,
+                 "--prompt-template", "Q: {prompt}\\nA:"])
     assert code == 0
     model, tokenizer, checkpoint = load_model(tmp_path / "run", DEVICE)
     assert model.config.kind == "mdm"
     assert tokenizer.vocab_size == 300
     assert checkpoint.train_config["finetune"]["train_on_prompt"] is True
     assert checkpoint.train_config["base"] == "scratch:tiny-0.1M"
+    # The two characters \n in the flag value become a newline.
+    assert checkpoint.train_config["finetune"]["prompt_template"] == "Q: {prompt}\nA:"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2
 

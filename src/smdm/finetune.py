@@ -105,9 +105,9 @@ class FinetuneConfig:
     """Score the EOS padding after the response's closing EOS (the closing EOS is always scored)."""
     train_on_prompt: bool = False
     """Noise (MDM) and score the prompt as well, so the whole row is training text."""
-    prompt_template: str = "{prompt}"
+    prompt_template: str = PROMPT_SLOT
     """Text that wraps every prompt, with {prompt} where the prompt goes (a chat format such as
-    "User: {prompt}\nAssistant:"). It is saved with the checkpoints, and the answering tasks apply it."""
+    "User: {prompt}\nAssistant:"). It is saved with the checkpoints, and `smdm task mt-bench-answer` applies it."""
     seed: int = 0
     precision: str = "auto"
     device: str = "auto"
@@ -159,7 +159,8 @@ def sft_mdm_loss(
     """MDM fine-tuning loss of a batch at times t (B,) with uniform noise (B, L) and dropout flags (B,).
 
     The sum is divided by `denominator`, by default the batch's number of
-    scorable tokens. A micro-batch passes its whole batch's count. Unscored padding is still noised, so the model sees the canvas the sampler
+    scorable tokens. A micro-batch passes its whole batch's count. Unscored
+    padding is still noised, so the model trains on the canvas the sampler
     builds (masks after the prompt) but gets no gradient from the padding.
     """
     mask_id = model.config.mask_id
@@ -175,7 +176,7 @@ def sft_mdm_loss(
     noisy = torch.where(masked | dropped, torch.full_like(tokens, mask_id), tokens)
     scorable = scorable_positions(batch, score_padding, train_on_prompt)
     total = masked_cross_entropy_sum(model, noisy, tokens, masked & scorable, 1.0 / p)
-    return total / (scored_count(batch, "mdm", score_padding, train_on_prompt) if denominator is None else denominator)
+    return total / (scorable.sum().clamp_min(1) if denominator is None else denominator)
 
 
 def sft_arm_loss(
@@ -189,7 +190,7 @@ def sft_arm_loss(
     logits = model(batch.tokens[:, :-1])  # (B, L, V)
     targets = batch.tokens[:, 1:]
     total = F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
-    return total / (scored_count(batch, "arm", score_padding, train_on_prompt) if denominator is None else denominator)
+    return total / (scored.sum().clamp_min(1) if denominator is None else denominator)
 
 
 def scored_count(batch: SFTBatch, kind: str, score_padding: bool, train_on_prompt: bool) -> int:

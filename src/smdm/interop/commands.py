@@ -14,7 +14,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     overwrite = argparse.ArgumentParser(add_help=False)
     overwrite.add_argument("--overwrite", action="store_true", help="replace --out when it already exists")
 
-    reference = sub.add_parser("import-reference", parents=[overwrite], help="import a released reference (lit-gpt style) checkpoint")
+    reference = sub.add_parser(
+        "import-reference", parents=[overwrite], help="import a released reference (lit-gpt style) checkpoint")
     reference.add_argument("source", help="reference .safetensors file, or a folder with exactly one")
     reference.add_argument("--tokenizer", required=True,
                            help="tokenizer.json, SentencePiece tokenizer.model, or a folder with either")
@@ -28,17 +29,20 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                            help="bfloat16 rounds the RoPE tables as the reference code does, for exact parity")
     reference.set_defaults(conversion_run=run_import_reference)
 
-    export_reference = sub.add_parser("export-reference", parents=[overwrite], help="write an smdm checkpoint in the reference layout")
+    export_reference = sub.add_parser(
+        "export-reference", parents=[overwrite], help="write an smdm checkpoint in the reference layout")
     export_reference.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     export_reference.add_argument("--out", required=True, help=".safetensors file to write")
     export_reference.set_defaults(conversion_run=run_export_reference)
 
-    export_hf = sub.add_parser("export-hf", parents=[overwrite], help="write an smdm checkpoint as a Hugging Face folder")
+    export_hf = sub.add_parser(
+        "export-hf", parents=[overwrite], help="write an smdm checkpoint as a Hugging Face folder")
     export_hf.add_argument("--checkpoint", required=True, help="checkpoint folder or run folder")
     export_hf.add_argument("--out", required=True, help="folder to write")
     export_hf.set_defaults(conversion_run=run_export_hf)
 
-    import_hf = sub.add_parser("import-hf", parents=[overwrite], help="import a Hugging Face folder (LLaMA ARM or smdm MDM)")
+    import_hf = sub.add_parser(
+        "import-hf", parents=[overwrite], help="import a Hugging Face folder (LLaMA ARM or smdm MDM)")
     import_hf.add_argument("source", help="local folder, or a hub repo id with --hub")
     import_hf.add_argument("--out", required=True, help="smdm checkpoint folder to write")
     import_hf.add_argument("--hub", action="store_true", help="download SOURCE from the Hugging Face hub")

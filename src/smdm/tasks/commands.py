@@ -77,7 +77,7 @@ def run_finetune(args: argparse.Namespace) -> int:
         lr=args.lr, min_lr=args.min_lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, prompt_dropout=args.prompt_dropout,
         score_padding=not args.no_score_padding, train_on_prompt=args.train_on_prompt,
-        prompt_template=args.prompt_template.replace("\\n", "\n"),
+        prompt_template=_template_from_flag(args.prompt_template),
         checkpoint_interval=args.checkpoint_interval, log_interval=args.log_interval, seed=args.seed,
         precision=args.precision, device=args.device,
     )
@@ -106,6 +106,11 @@ def run_finetune(args: argparse.Namespace) -> int:
         print(json.dumps({"run": str(result.run_dir), "steps": result.steps, "examples": result.examples,
                           "skipped": result.skipped, "final_loss": result.final_loss}, indent=2))
     return 0
+
+
+def _template_from_flag(text: str) -> str:
+    """Turn the two characters \\n of a --prompt-template value into a newline, as the help text promises."""
+    return text.replace("\\n", "\n")
 
 
 def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
@@ -313,8 +318,10 @@ def _run_mt_bench_answer(args: argparse.Namespace) -> int:
         questions = questions[: args.limit]
     model_id = args.model_id or Path(args.checkpoint).resolve().name
     config = _sample_config(args)
-    template = args.prompt_template
-    template = checkpoint_prompt_template(loaded.train_config) if template is None else template.replace("\\n", "\n")
+    if args.prompt_template is None:
+        template = checkpoint_prompt_template(loaded.train_config)
+    else:
+        template = _template_from_flag(args.prompt_template)
     if template.count(PROMPT_SLOT) != 1:
         raise ValueError(f"--prompt-template {template!r} must contain {PROMPT_SLOT} exactly once")
     truncated = truncated_questions(tokenizer, model, questions, config.max_new_tokens, template)

@@ -63,6 +63,11 @@ def generate_texts(
     return texts
 
 
+def prompt_fits(model: Transformer, tokenizer: Tokenizer, prompt: str, new_tokens: int) -> bool:
+    """Return whether the encoded prompt and new_tokens generated tokens fit the model's context."""
+    return len(encode_prompt(tokenizer, prompt, model.config.kind)) + new_tokens <= model.config.block_size
+
+
 def keep_prompt_end(ids: list[int], room: int, kind: str) -> list[int]:
     """Return the last `room` tokens of an encoded prompt, or the prompt itself when it fits.
 

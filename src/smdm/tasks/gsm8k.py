@@ -26,8 +26,7 @@ from smdm.data.sft import PromptResponse
 from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
-from smdm.sampling_api import encode_prompt
-from smdm.tasks.common import generate_texts, sample_settings
+from smdm.tasks.common import generate_texts, prompt_fits, sample_settings
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +181,7 @@ def evaluate_two_stage(
     """
     limit = model.config.block_size
     budget = reasoning_config.max_new_tokens + answer_config.max_new_tokens
-    fits = [len(encode_prompt(tokenizer, answer_prompt(p.question, ""), model.config.kind)) + budget <= limit
-            for p in problems]
+    fits = [prompt_fits(model, tokenizer, answer_prompt(p.question, ""), budget) for p in problems]
     skipped = [p for p, ok in zip(problems, fits) if not ok]
     problems = [p for p, ok in zip(problems, fits) if ok]
     if skipped:

@@ -31,8 +31,7 @@ from smdm.data.tokenizer import Tokenizer
 from smdm.finetune import PROMPT_SLOT, apply_prompt_template
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
-from smdm.sampling_api import encode_prompt
-from smdm.tasks.common import generate_texts, sample_settings
+from smdm.tasks.common import generate_texts, prompt_fits, sample_settings
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,9 @@ def generate_answers(
 def truncated_questions(tokenizer: Tokenizer, model: Transformer, questions: Sequence[dict],
                         max_new_tokens: int, prompt_template: str = PROMPT_SLOT) -> list[int]:
     """Return the ids of the questions whose prompt generate_answers shortens to fit the context."""
-    room = model.config.block_size - max_new_tokens
     return [question["question_id"] for question in questions
-            if len(encode_prompt(tokenizer, apply_prompt_template(prompt_template, question["turns"][0]),
-                                 model.config.kind)) > room]
+            if not prompt_fits(model, tokenizer, apply_prompt_template(prompt_template, question["turns"][0]),
+                               max_new_tokens)]
 
 
 def write_answers(records: Sequence[dict], path: str | Path, settings: dict) -> tuple[Path, Path]:

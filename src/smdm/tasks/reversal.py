@@ -21,7 +21,7 @@ from smdm.data.tokenizer import Tokenizer
 from smdm.generate import SampleConfig
 from smdm.model import Transformer
 from smdm.sampling_api import encode_prompt
-from smdm.tasks.common import generate_texts, sample_settings
+from smdm.tasks.common import generate_texts, prompt_fits, sample_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ def evaluate_reversal(
             new_counts = [len(tokenizer.encode(record["completion"])) + 1 for record in records]
         else:
             new_counts = [config.max_new_tokens] * len(records)
-        fits = [len(encode_prompt(tokenizer, record["prompt"], model.config.kind)) + new <= model.config.block_size
-                for record, new in zip(records, new_counts)]
+        fits = [prompt_fits(model, tokenizer, record["prompt"], new) for record, new in zip(records, new_counts)]
         skipped = fits.count(False)
         if skipped:
             log.warning("%s: skipping %d of %d questions whose prompt and new tokens exceed the context of %d tokens",
@@ -133,7 +132,9 @@ def candidate_ranking(
     from smdm.evaluate.likelihood import arm_loglikelihood, mdm_mc_loglikelihood
 
     if any(reference not in candidates for reference in references):
-        raise ValueError("every reference must be one of the candidates; pass the distinct completions of the whole split")
+        raise ValueError(
+            "every reference must be one of the candidates; pass the distinct completions of the whole split"
+        )
     kind = model.config.kind
     encoded = [tokenizer.encode(candidate) for candidate in candidates]
     requests = [(encode_prompt(tokenizer, prompt, kind), ids) for prompt in prompts for ids in encoded]
